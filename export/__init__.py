@@ -1,0 +1,1 @@
+"""Export: trace the reference model to ONNX (portable and ORT flavours) and package artifacts."""

@@ -1,0 +1,285 @@
+"""Hugging Face checkpoint folders: load (memory-mapped, validated), save, make random ones.
+
+Layout read and written: ``config.json``, ``model.safetensors`` or sharded
+``model-0000x-of-0000y.safetensors`` + ``model.safetensors.index.json``, optionally
+``tokenizer.json`` and ``generation_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from starlift.errors import CheckpointError, UsageError
+from starlift.fsutil import atomic_output_dir
+
+from .config import PRESETS, Starcoder2Config
+from .modeling import RotaryEmbedding, Starcoder2
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# safetensors dtype codes and their torch dtypes.
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def bundled_checkpoints() -> dict[str, Path]:
+    """Checkpoints shipped inside the package, by name (e.g. ``starcoder2-nano``)."""
+    root = Path(str(resources.files("starlift") / "checkpoints"))
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a path or a bundled name; a clear error otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    bundled = bundled_checkpoints()
+    if str(path) in bundled:
+        return bundled[str(path)]
+    if p.exists():
+        raise UsageError(f"{p} is a file; pass the checkpoint folder that holds config.json and the weights")
+    names = ", ".join(bundled) or "none installed"
+    raise UsageError(f"{path} is neither a checkpoint folder nor a bundled checkpoint (bundled: {names})")
+
+
+# ---- safetensors, read by hand ---------------------------------------------------------------
+# The safetensors library copies each tensor out of the file on get_tensor(); reading the
+# header ourselves lets every tensor be a view into one private memory map (no second copy of
+# the weights), and lets us validate dtype, shape and offsets before any tensor is touched.
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Validated header of a safetensors file and the byte offset where its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download or re-save it")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: header length {n} is larger than the file ({size} bytes); the file is corrupt or truncated")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape or offsets {info!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} offsets {begin}..{end} do not fit its shape {shape} "
+                f"({nbytes} bytes) inside {data_len} data bytes; the file is corrupt or truncated"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap; the file is corrupt")
+    return header, data_start
+
+
+def mmap_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one file as views into a private (copy-on-write) memory map."""
+    header, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        if path.stat().st_size == 0:
+            return
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if end == begin:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+        yield name, raw.view(dtype).reshape(info["shape"])
+
+
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from e
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if Path(name).name != name:
+                raise CheckpointError(f"{index} names {name!r}, which is outside the checkpoint folder")
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder}: shard {name} named by the index is missing; copy the whole checkpoint")
+        return [folder / name for name in files]
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{folder} has only pickle weights ({', '.join(p.name for p in pickles)}), which can run "
+                "arbitrary code when loaded; convert them to safetensors, or pass allow_pickle=True "
+                "(--allow-pickle) if you trust their source (they are then loaded with weights_only=True)"
+            )
+        return pickles
+    raise CheckpointError(
+        f"{folder} has no weights: expected model.safetensors or model.safetensors.index.json with its shards"
+    )
+
+
+def iter_checkpoint_tensors(folder: Path, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in weight_files(folder, allow_pickle):
+        if file.suffix == ".safetensors":
+            yield from mmap_safetensors(file)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+
+
+def _expected_shapes(model: Starcoder2) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
+                    allow_pickle: bool = False) -> Starcoder2:
+    """Load a Hugging Face StarCoder2 folder (or a bundled name) into the reference model.
+
+    Weights are views into a memory map when the stored dtype is the one asked for, so the
+    model costs no second copy of the weights. ``dtype`` None keeps the stored dtype.
+    """
+    folder = resolve_checkpoint(path)
+    config = Starcoder2Config.from_hf(folder)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = Starcoder2(config)
+    expected = _expected_shapes(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_checkpoint_tensors(folder, allow_pickle):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rope_theta; some old checkpoints store it
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the head is the embedding matrix, stored once in the model
+        if name not in expected:
+            raise CheckpointError(
+                f"{folder}: unexpected tensor {name!r}; this is not a StarCoder2 checkpoint matching its config.json"
+            )
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"{folder}: tensor {name!r} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"{expected[name]}; the weights do not belong to this config"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{folder}: tensor {name!r} has dtype {tensor.dtype}; expected floating-point weights")
+        state[name] = tensor if target is None or tensor.dtype == target else tensor.to(target)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{folder}: missing tensor(s) {shown}; the checkpoint is incomplete")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary = RotaryEmbedding(config)  # non-persistent buffer: rebuilt off the meta device
+    return model.eval()
+
+
+def save_checkpoint(model: Starcoder2, path: str | Path, force: bool = False,
+                    max_shard_bytes: int | None = None, extra_files: dict[str, Path] | None = None) -> Path:
+    """Write ``model`` in the layout transformers writes (atomically)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    config = model.config
+    dtype_name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    first = next(iter(state.values()))
+    hf = config.to_hf()
+    hf["torch_dtype"] = dtype_name.get(first.dtype, "float32")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_output_dir(path, force=force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name, src in (extra_files or {}).items():
+            (tmp / name).write_bytes(Path(src).read_bytes())
+    return Path(path)
+
+
+def init_random(config: Starcoder2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Starcoder2:
+    """A random model whose every parameter (biases and norms too) is non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = Starcoder2(config)
+    state = {}
+    for name, p in model.state_dict().items():
+        if "layernorm" in name or name.startswith("model.norm"):
+            base = 1.0 if name.endswith("weight") else 0.0
+            t = base + 0.05 * torch.randn(p.shape, generator=gen)
+        else:
+            t = 0.02 * torch.randn(p.shape, generator=gen)
+        state[name] = t.to(dtype)
+    model.load_state_dict(state, assign=True)
+    model.rotary = RotaryEmbedding(config)
+    return model.eval()
+
+
+def random_checkpoint(preset_or_config: str | Starcoder2Config, path: str | Path, seed: int = 0,
+                      dtype: str = "fp32", force: bool = False, tokenizer: str | Path | None = None,
+                      max_shard_bytes: int | None = None) -> Path:
+    """Write a random-init checkpoint (a preset name or a config) for tests and benchmarks."""
+    if isinstance(preset_or_config, str):
+        if preset_or_config not in PRESETS:
+            raise UsageError(f"unknown preset {preset_or_config!r}; available: {', '.join(PRESETS)}")
+        config = PRESETS[preset_or_config]
+    else:
+        config = preset_or_config
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    model = init_random(config, seed, DTYPES[dtype])
+    extra = {"tokenizer.json": Path(tokenizer)} if tokenizer else None
+    return save_checkpoint(model, path, force=force, max_shard_bytes=max_shard_bytes, extra_files=extra)

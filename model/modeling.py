@@ -1,0 +1,196 @@
+"""The reference StarCoder2 in PyTorch, written to be traced.
+
+The KV cache goes in and out of ``forward`` as plain tensors, so the exported graph shows it;
+nothing branches on tensor values; no cache objects. Parameter names are transformers' own, so
+a Hugging Face ``model.safetensors`` loads with ``load_state_dict`` unchanged.
+
+Shapes: B batch, T new tokens, P past tokens, S = P + T, H heads, G kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Starcoder2Config
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def attention_allowed(attention_mask: torch.Tensor, query_len: int, window: int) -> torch.Tensor:
+    """Which keys each query may attend to: (B, 1, T, S) bool.
+
+    ``attention_mask`` is (B, S) with 0 for left padding; queries are the last ``query_len``
+    slots. A query in slot q sees a key in slot k when ``q - window < k <= q`` (the window
+    includes the query itself) and the key is not padding. Left padding shifts slots and
+    positions by the same amount per row, so slot distance equals position distance.
+    """
+    total = attention_mask.shape[1]
+    key_slot = torch.arange(total, device=attention_mask.device)
+    query_slot = torch.arange(query_len, device=attention_mask.device) + (total - query_len)
+    distance = query_slot[:, None] - key_slot[None, :]  # (T, S)
+    causal = (distance >= 0) & (distance < window)
+    return causal[None, None, :, :] & attention_mask[:, None, None, :].bool()
+
+
+def default_position_ids(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Positions that follow the mask: padding does not count, the first real token is 0."""
+    positions = torch.cumsum(attention_mask.long(), dim=-1) - 1
+    return positions.clamp(min=0)[:, attention_mask.shape[1] - query_len:]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE, cos/sin computed in float32 then cast to the model dtype."""
+
+    def __init__(self, config: Starcoder2Config):
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, D)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Starcoder2Config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.use_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                past: KV | None) -> tuple[torch.Tensor, KV]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, D)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, G, S, D)
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # a config constant, not a tensor value: GQA repeats each kv head
+            s = k.shape[2]
+            k = k[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
+            v = v[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
+        # Scores and softmax in float32 (fp16 overflows here); a fully masked row (a padding
+        # query) gets a uniform softmax instead of NaN because the fill value is finite.
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * self.scale  # (B, H, T, S)
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), present
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Starcoder2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.use_bias)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.approximate = config.gelu_approximation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose statistics are computed in float32 whatever the weights' dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Starcoder2Config):
+        super().__init__()
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, allowed, past: KV | None) -> tuple[torch.Tensor, KV]:
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, allowed, past)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, present
+
+
+class Starcoder2Model(nn.Module):
+    """Embeddings, decoder layers and final norm; named as transformers names them."""
+
+    def __init__(self, config: Starcoder2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+
+
+class Starcoder2(nn.Module):
+    """StarCoder2 causal LM: ``forward(input_ids, attention_mask, position_ids, past) -> (logits, present)``.
+
+    ``past``/``present``: one ``(key, value)`` per layer, each (B, G, P, D). ``attention_mask``:
+    (B, P + T), 0 marks left padding. Logits are float32 whatever the model dtype.
+    """
+
+    def __init__(self, config: Starcoder2Config):
+        super().__init__()
+        self.config = config
+        self.model = Starcoder2Model(config)
+        self.rotary = RotaryEmbedding(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.eval()  # there is no training-only behaviour (dropout) in this module
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                past: list[KV] | tuple[KV, ...] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        batch, query_len = input_ids.shape
+        past_len = past[0][0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_len + query_len, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, query_len)
+        allowed = attention_allowed(attention_mask, query_len, self.config.attention_window)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        present: list[KV] = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, cos, sin, allowed, past[i] if past else None)
+            present.append(kv)
+        x = self.model.norm(x)
+        logits = F.linear(x, self.lm_head_weight).float()  # (B, T, vocab)
+        return logits, present
+
+    def empty_past(self, batch: int = 1) -> list[KV]:
+        """A zero-length cache: prefill is a decode step with no past."""
+        c = self.config
+        p = next(self.parameters())
+        shape = (batch, c.num_key_value_heads, 0, c.head_dim)
+        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.num_hidden_layers)]

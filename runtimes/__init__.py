@@ -1,0 +1,1 @@
+"""Runners: one per backend (torch, onnxruntime, openvino, tensorrt), behind one surface."""

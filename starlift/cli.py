@@ -1,0 +1,78 @@
+"""The ``starlift`` console script: one parser, subcommands that each call a module's ``main``.
+
+Failures print one line on stderr (exit 2 for bad usage, 1 for a failed operation); ``--debug``
+shows the traceback. SIGTERM is turned into an exception so temporary folders are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import traceback
+
+from .errors import StarliftError
+
+# subcommand -> (module with add_arguments(parser) and main(args), one-line help)
+COMMANDS = {
+    "info": ("starlift.commands.info", "describe a checkpoint: parameters, bytes, KV-cache memory"),
+    "init-random": ("starlift.commands.init_random", "write a random-init checkpoint of a preset shape"),
+    "demo": ("starlift.commands.demo", "the main job end to end on the embedded default model"),
+}
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so cleanup handlers run."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the fault tests via a subprocess
+    raise _Terminated()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="starlift",
+        description="StarCoder2 from PyTorch to validated ONNX artifacts and interchangeable runtimes.",
+    )
+    parser.add_argument("--version", action="version", version=f"starlift {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show full tracebacks on errors")
+        importlib.import_module(module_name).add_arguments(p)
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except StarliftError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"starlift {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (KeyboardInterrupt, _Terminated):
+        print(f"starlift {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    except Exception as e:  # an operation failed for a reason we did not foresee
+        if args.debug:
+            traceback.print_exc()
+        print(f"starlift {args.command}: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

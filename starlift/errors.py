@@ -1,0 +1,33 @@
+"""Typed errors. Every message names the problem and what to do about it.
+
+The CLI turns a ``StarliftError`` into one line on stderr: ``UsageError`` (bad input the user
+can fix) exits 2, every other ``StarliftError`` (an operation that failed) exits 1.
+"""
+
+
+class StarliftError(Exception):
+    """Base class of every error starlift raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(StarliftError, ValueError):
+    """Bad input: a wrong argument, an unknown name, an out-of-range value."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config.json starlift refuses (wrong model type, unsupported setting)."""
+
+
+class CheckpointError(StarliftError):
+    """A checkpoint folder or weight file that cannot be loaded as it is."""
+
+
+class ArtifactError(StarliftError):
+    """An exported artifact that is missing files, fails its hashes or its checks."""
+
+
+class ParityError(StarliftError):
+    """A model whose logits leave the tolerance against the reference."""

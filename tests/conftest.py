@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny checkpoints written by transformers itself, the shared tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHARED_TOKENIZER = SHARED / "starcoder2-tokenizer"
+
+# Tiny configs in transformers' own tester shape (vocab 99, hidden 32, 2 layers, 4 heads).
+TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, sliding_window=16, bos_token_id=0,
+            eos_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+TINY_VARIANTS = {
+    "gqa-window": {},
+    "mha": dict(num_key_value_heads=4, sliding_window=None),
+    "untied": dict(tie_word_embeddings=False, hidden_act="gelu", sliding_window=8),
+    "gqa4-nobias": dict(num_key_value_heads=1, use_bias=False, sliding_window=5),
+}
+
+
+def write_hf_checkpoint(path: Path, seed: int = 0, tokenizer: Path | None = None, **overrides) -> Path:
+    """A random Starcoder2ForCausalLM saved by transformers' own save_pretrained."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (test extra)")
+    torch.manual_seed(seed)
+    config = transformers.Starcoder2Config(**{**TINY, **overrides})
+    model = transformers.Starcoder2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF zero-inits biases and sets norms to 1: randomize them to test them
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        (path / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
+    return path
+
+
+def load_hf(path: Path):
+    import transformers
+
+    return transformers.Starcoder2ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer() -> Path:
+    path = SHARED_TOKENIZER / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the real StarCoder2 tokenizer lives in ../shared (present in CI, "
+                    "not in a user's fresh clone)")
+    return path
+
+
+def ggml_vectors() -> list[tuple[str, list[int]]]:
+    inp = SHARED_TOKENIZER / "ggml-vocab-starcoder.gguf.inp"
+    out = SHARED_TOKENIZER / "ggml-vocab-starcoder.gguf.out"
+    if not inp.is_file():
+        return []
+    cases = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    if cases and cases[-1] == "":
+        cases.pop()
+    ids = out.read_text(encoding="utf-8").split("\n")[: len(cases)]
+    return [(text, [int(x) for x in line.split()]) for text, line in zip(cases, ids, strict=True)]
+
+
+def tgi_snapshots() -> list[dict]:
+    folder = SHARED_TOKENIZER / "tgi"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
