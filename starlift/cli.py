@@ -18,6 +18,8 @@ from .errors import StarliftError
 COMMANDS = {
     "info": ("starlift.commands.info", "describe a checkpoint: parameters, bytes, KV-cache memory"),
     "init-random": ("starlift.commands.init_random", "write a random-init checkpoint of a preset shape"),
+    "export": ("starlift.commands.export", "export a checkpoint to a validated ONNX artifact"),
+    "verify": ("starlift.commands.verify", "check an artifact's hashes, file names and ONNX graph"),
     "demo": ("starlift.commands.demo", "the main job end to end on the embedded default model"),
 }
 

@@ -40,7 +40,10 @@ def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename."""
     out = check_output_dir(out, force)
     parent = out.absolute().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARKER}{out.name}-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_MARKER}{out.name}-", dir=parent))
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}; choose a writable path") from e
     try:
         yield tmp
         if out.exists():

@@ -1,0 +1,158 @@
+"""``export_checkpoint``: a Hugging Face StarCoder2 folder -> a validated, hashed artifact folder.
+
+Stages: load (memory-mapped) -> reference logits -> trace -> optimize/flavour -> save (external
+data, one tensor at a time) -> release the torch model -> validate in ONNX Runtime -> package
+(configs, manifest) -> rename the temporary folder into place. Any failure removes everything.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from starlift.artifact import MODEL_FILE, genai_config, verify, write_manifest
+from starlift.errors import ParityError, UsageError
+from starlift.fsutil import atomic_output_dir, check_output_dir, sha256_file
+from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
+from starlift.model.checkpoint import weight_files
+
+from . import flavours, validate
+from .trace import trace
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from starlift import __version__
+
+    return {"starlift": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="export", unit="stage", disable=not enabled, leave=False)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str = "portable", dtype: str = "fp32",
+                      opset: int = 18, force: bool = False, progress: bool = True, validate_steps: int = 8,
+                      allow_pickle: bool = False) -> dict[str, Any]:
+    """Export ``checkpoint`` to the artifact folder ``out``; returns the manifest."""
+    import onnx_ir as ir
+
+    if flavour not in flavours.FLAVOURS:
+        raise UsageError(f"unknown flavour {flavour!r}; choose one of {', '.join(flavours.FLAVOURS)}")
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if not 17 <= opset <= 23:
+        raise UsageError(f"opset {opset} is not supported; use 17..23 (LayerNormalization needs 17)")
+    folder = resolve_checkpoint(checkpoint)
+    config = Starcoder2Config.from_hf(folder)  # fail on a bad config before any heavy work
+    check_output_dir(out, force)
+
+    stages = ["load", "reference", "trace", "optimize", "save", "validate", "package"]
+    bar = _progress(len(stages), progress)
+
+    def stage(name: str) -> None:
+        bar.set_description(f"export: {name}")
+
+    try:
+        with atomic_output_dir(out, force=force) as tmp:
+            stage("load")
+            model = load_checkpoint(folder, dtype=dtype, allow_pickle=allow_pickle)
+            bar.update()
+            stage("reference")
+            case = validate.make_case(config.vocab_size, steps=validate_steps)
+            reference = validate.reference_logits(model, case)
+            bar.update()
+            stage("trace")
+            graph = trace(model, opset=opset)
+            bar.update()
+            stage("optimize")
+            graph = flavours.optimize_portable(graph)
+            flavours.check_portable(graph)
+            fusions: dict[str, int] = {}
+            if flavour == "ort":
+                graph, fusions = flavours.to_ort(graph)
+            graph.producer_name, graph.producer_version = "starlift", _versions()["starlift"]
+            bar.update()
+            stage("save")
+            ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data")
+            del graph, model
+            gc.collect()
+            bar.update()
+            stage("validate")
+            if dtype == "bf16":
+                # ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul & co: the artifact
+                # is checked by the ONNX checker here and for parity by runtimes that run bf16.
+                validation = {"skipped": "onnxruntime CPU has no bfloat16 kernels", "passed": None}
+            else:
+                candidate = validate.onnx_logits(str(tmp / MODEL_FILE), case, NUMPY_KV[dtype])
+                validation = validate.compare(reference, candidate, case.mask, case.prompt_len,
+                                              validate.TOLERANCE[dtype])
+                validation.update({"backend": "onnxruntime", "reference": f"starlift torch model ({dtype})",
+                                   "batch": int(case.ids.shape[0]), "prompt_tokens": case.prompt_len,
+                                   "decode_steps": case.steps})
+                if not validation["passed"]:
+                    raise ParityError(
+                        f"the exported graph's logits differ from the reference by {validation['max_abs_error']:.3g} "
+                        f"(tolerance {validation['tolerance']:g} for {dtype}); the artifact was removed. "
+                        "Report this with the checkpoint's config.json"
+                    )
+            bar.update()
+            stage("package")
+            _package(folder, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
+                     validation=validation)
+            manifest = verify(tmp)
+            bar.update()
+    finally:
+        bar.close()
+    return manifest
+
+
+def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: str, dtype: str, opset: int,
+             fusions: dict[str, int], validation: dict[str, Any]) -> None:
+    shutil.copyfile(checkpoint / "config.json", tmp / "config.json")
+    tokenizer = checkpoint / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    gen_path = checkpoint / "generation_config.json"
+    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    generation.setdefault("bos_token_id", config.bos_token_id)
+    generation.setdefault("eos_token_id", config.eos_token_id)
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    eos = generation.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    genai = genai_config(config, flavour=flavour, share_buffer=False, eos_token_id=eos,
+                         bos_token_id=generation.get("bos_token_id"), pad_token_id=config.pad_token_id)
+    (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+    onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
+    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    write_manifest(tmp, {
+        "flavour": flavour,
+        "dtype": dtype,
+        "precision": dtype,
+        "opset": opset,
+        "kv_cache": {"layout": "concat", "shape": "[batch, kv_heads, past, head_dim]",
+                     "description": "present = concat(past, new); feed present back as past"},
+        "fusions": fusions,
+        "size": {"onnx_bytes": onnx_bytes, "weight_bytes": config.num_parameters() * bytes_per,
+                 "ratio": onnx_bytes / (config.num_parameters() * bytes_per)},
+        "source": {"checkpoint": checkpoint.name,
+                   "files": {p.name: sha256_file(p) for p in [checkpoint / "config.json",
+                                                               *weight_files(checkpoint, allow_pickle=True)]}},
+        "versions": _versions(),
+        "validation": validation,
+    })

@@ -1,0 +1,41 @@
+"""The two graph flavours.
+
+``portable``: standard ONNX ops only (TensorRT, OpenVINO, any runtime) after onnxscript's
+optimizer (constant folding, CSE, dead code).
+
+``ort``: the portable graph rewritten for ONNX Runtime by onnxscript's ORT fusions
+(SkipLayerNormalization, FastGelu, FusedMatMul, ...). The decoder contract (names, shapes,
+concat-grow KV cache) is unchanged, so every runner that drives the portable graph drives it.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+FLAVOURS = ("portable", "ort")
+
+# Ops a portable graph must not contain: control flow (TensorRT cannot convert If; If is slow
+# in ORT) and anything outside the default domain.
+FORBIDDEN_PORTABLE_OPS = {"If", "Loop", "Scan"}
+
+
+def optimize_portable(model: ir.Model) -> ir.Model:
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize(model)
+    return model
+
+
+def check_portable(model: ir.Model) -> None:
+    bad = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph
+                  if n.domain not in ("", "ai.onnx") or n.op_type in FORBIDDEN_PORTABLE_OPS})
+    if bad:
+        raise ValueError(f"the portable graph contains non-portable ops: {', '.join(bad)}")
+
+
+def to_ort(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
+    """Apply onnxscript's ORT fusions; returns the model and the non-zero fusion counts."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, counts = optimize_for_ort(model)
+    return model, {k: v for k, v in counts.items() if v}

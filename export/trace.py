@@ -1,0 +1,181 @@
+"""Trace the reference model to an ONNX graph (onnx_ir) with the decoder contract's names.
+
+Why the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) and not TorchScript: it
+keeps parameter names on the initializers, gives named symbolic dims (batch, seq, past), and
+its output is an ``onnx_ir`` model that onnxscript's optimizer and ORT fusions work on
+directly, without a serialize/parse round trip of the weights. Its known trap (a batch of 1 in
+the example specializes the batch dim, see PEERS.md) is avoided by tracing with batch 2.
+
+Weights are never copied while tracing: initializers wrap the model's own tensors (views into
+the checkpoint's memory map), and the transposes the exporter puts in front of every weight
+are replaced by lazily computed initializers that are materialized one at a time at save time.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common
+import torch
+from torch import nn
+
+from starlift.model import Starcoder2
+
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+class _FlatDecoder(nn.Module):
+    """The decoder contract as flat tensors: (ids, mask, positions, *past) -> (logits, *present)."""
+
+    def __init__(self, model: Starcoder2):
+        super().__init__()
+        self.m = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.layers)]
+        logits, present = self.m(input_ids, attention_mask, position_ids, past)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
+    """The model as an ONNX graph with dynamic batch, sequence and past length; no If/Loop."""
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    batch, seq, past = 2, 3, 4  # batch 2: a batch of 1 would be specialized by torch.export
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = [torch.zeros(batch, c.num_key_value_heads, past, c.head_dim, dtype=dtype)
+          for _ in range(2 * c.num_hidden_layers)]
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, [{0: b, 2: p} for _ in kv])
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _FlatDecoder(model), (ids, mask, pos, kv), dynamo=True, optimize=False, verbose=False,
+            opset_version=opset, dynamic_shapes=dynamic,
+            input_names=[*INPUT_NAMES, *past_names(c.num_hidden_layers)],
+            output_names=["logits", *present_names(c.num_hidden_layers)],
+        )
+    graph_model = program.model
+    # The exporter keeps a stack trace per node in metadata: most of the graph's bytes.
+    ir.passes.common.ClearMetadataAndDocStringPass()(graph_model)
+    _strip_wrapper_prefix(graph_model)
+    _fold_weight_transposes(graph_model)
+    _name_dims(graph_model)
+    return graph_model
+
+
+def _strip_wrapper_prefix(model: ir.Model) -> None:
+    """``m.model.layers.0...`` -> ``model.layers.0...``: the checkpoint's own tensor names."""
+    for name in list(model.graph.initializers):
+        value = model.graph.initializers[name]
+        if name.startswith("m."):
+            del model.graph.initializers[name]
+            value.name = name[2:]
+            model.graph.register_initializer(value)
+
+
+def _lazy_transpose(tensor: ir.TensorProtocol) -> ir.LazyTensor:
+    """W.T computed when the tensor is written, so that no transposed copy lives in memory."""
+    rows, cols = tensor.shape
+
+    def compute() -> ir.Tensor:
+        raw = getattr(tensor, "raw", None)
+        if isinstance(raw, torch.Tensor):
+            data = raw.detach().t().contiguous()
+            if data.dtype == torch.bfloat16:
+                import ml_dtypes
+
+                return ir.Tensor(data.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+            return ir.Tensor(data.numpy())
+        return ir.Tensor(np.ascontiguousarray(tensor.numpy().T))
+
+    return ir.LazyTensor(compute, dtype=tensor.dtype, shape=ir.Shape([cols, rows]))
+
+
+def _fold_weight_transposes(model: ir.Model) -> None:
+    """Rewrite the exporter's weight transposes; store the tied embedding once.
+
+    Linear layers, where the weight has no other use::
+
+        W[out,in] -> Transpose -> MatMul(x, .)      becomes      MatMul(x, W.T[in,out])
+
+    The tied LM head, where the embedding matrix also feeds the token Gather, keeps a single
+    [vocab, hidden] initializer and multiplies by its transpose inside Gemm (transB=1)::
+
+        E -> Gather(E, ids)                          E -> Gather(E, ids)
+        E -> Transpose -> MatMul(h, .)   becomes     h -> Reshape[-1,H] -> Gemm(., E, transB=1)
+                                                        -> Reshape[B,T,V]
+
+    (onnxscript's constant folding would materialize a second, transposed copy of E.)
+    """
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.inputs[0]
+        if source is None or not source.is_initializer() or source.const_value is None:
+            continue
+        if len(source.shape) != 2 or list(node.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+            continue
+        out = node.outputs[0]
+        other_uses = [u for u, _ in source.uses() if u is not node]
+        if not other_uses:
+            new = ir.Value(name=f"{source.name}.T", const_value=_lazy_transpose(source.const_value),
+                           shape=ir.Shape([source.shape[1], source.shape[0]]), type=source.type)
+            graph.register_initializer(new)
+            out.replace_all_uses_with(new)
+            graph.remove(node, safe=True)
+            del graph.initializers[source.name]
+        else:
+            _tied_head_to_gemm(graph, node, source, out)
+
+
+def _tied_head_to_gemm(graph: ir.Graph, transpose: ir.Node, weight: ir.Value, transposed: ir.Value) -> None:
+    hidden = weight.shape[1]
+    for user, _ in list(transposed.uses()):
+        if user.op_type != "MatMul" or user.inputs[1] is not transposed:
+            raise ValueError(f"unexpected use of the tied embedding's transpose: {user.op_type}")
+        x = user.inputs[0]
+        prefix = "/model/lm_head"
+        flat_shape = ir.Value(name=f"{prefix}/flat_shape", const_value=ir.tensor(np.array([-1, hidden], np.int64)))
+        graph.register_initializer(flat_shape)
+        shape_x = ir.node("Shape", [x], name=f"{prefix}/Shape", attributes={"end": -1})
+        vocab = ir.Value(name=f"{prefix}/vocab", const_value=ir.tensor(np.array([weight.shape[0]], np.int64)))
+        graph.register_initializer(vocab)
+        out_shape = ir.node("Concat", [shape_x.outputs[0], vocab], name=f"{prefix}/OutShape", attributes={"axis": 0})
+        flat = ir.node("Reshape", [x, flat_shape], name=f"{prefix}/Flatten")
+        gemm = ir.node("Gemm", [flat.outputs[0], weight], name=f"{prefix}/Gemm", attributes={"transB": 1})
+        result = user.outputs[0]
+        unflat = ir.node("Reshape", [gemm.outputs[0], out_shape.outputs[0]], name=f"{prefix}/Unflatten")
+        graph.insert_before(user, [shape_x, out_shape, flat, gemm, unflat])
+        unflat.outputs[0].dtype = result.dtype
+        unflat.outputs[0].shape = result.shape
+        name = result.name
+        result.replace_all_uses_with(unflat.outputs[0], replace_graph_outputs=True)
+        graph.remove(user, safe=True)
+        unflat.outputs[0].name = name
+    graph.remove(transpose, safe=True)
+
+
+def _name_dims(model: ir.Model) -> None:
+    """Readable symbolic dims on the outputs (``past + seq`` -> ``total``)."""
+    for value in model.graph.outputs:
+        if value.shape is None:
+            continue
+        dims = [("total" if isinstance(d, ir.SymbolicDim) and d.value and "+" in d.value else d) for d in value.shape]
+        value.shape = ir.Shape(dims)

@@ -1,0 +1,134 @@
+"""The artifact folder: its manifest, verification, and the configs runtimes read.
+
+Shared by export (which writes artifacts) and runtimes (which verify them before loading), so
+it lives in the top-level package: runtimes never import export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError, UsageError
+from .fsutil import sha256_file
+
+FORMAT = "starlift-artifact/1"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+
+
+def _safe_member(folder: Path, name: str) -> Path:
+    """A file named by the manifest, refused if it would leave the artifact folder."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise ArtifactError(f"{folder}/{MANIFEST} names {name!r}: only plain file names inside the artifact are allowed")
+    parts = Path(name).parts
+    if any(p in ("..", ".") for p in parts) or len(parts) != 1:
+        raise ArtifactError(f"{folder}/{MANIFEST} names {name!r}, which points outside the artifact folder; refusing it")
+    path = folder / name
+    if path.is_symlink():
+        raise ArtifactError(f"{path} is a symbolic link; artifacts must hold real files (re-export it)")
+    return path
+
+
+def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in ``folder`` and write manifest.json with ``info``."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": FORMAT, "files": files, **info}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not an artifact folder; pass the folder `starlift export` wrote")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {folder} is not a starlift artifact (re-export it)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); the artifact is damaged, re-export it") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                            f"expected {FORMAT!r}")
+    if not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path} has no file list; the artifact is damaged, re-export it")
+    return manifest
+
+
+def verify(folder: str | Path, check_onnx: bool = True) -> dict[str, Any]:
+    """Re-hash every file the manifest names, refuse names leaving the folder, run the ONNX checker."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    paths = {name: _safe_member(folder, name) for name in manifest["files"]}  # every name before any hash
+    for name, expected in manifest["files"].items():
+        path = paths[name]
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; the artifact is incomplete (copy it whole or re-export it)")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{path} does not match its sha256 in the manifest (expected {expected[:12]}..., "
+                                f"got {actual[:12]}...): the file was changed or corrupted; re-export it")
+    for required in (MODEL_FILE, "config.json"):
+        if required not in manifest["files"]:
+            raise ArtifactError(f"{folder}: the manifest lists no {required}; the artifact is incomplete")
+    if check_onnx:
+        import onnx
+
+        try:  # on the path, not a loaded proto: models over 2 GB have external data
+            onnx.checker.check_model(str(folder / MODEL_FILE))
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{folder / MODEL_FILE} fails the ONNX checker: {first}") from e
+    return manifest
+
+
+def genai_config(config, *, flavour: str, share_buffer: bool, eos_token_id: int | None,
+                 bos_token_id: int | None, pad_token_id: int | None, context: int | None = None) -> dict[str, Any]:
+    """onnxruntime-genai's genai_config.json for a decoder artifact, token ids inside the vocabulary."""
+    vocab = config.vocab_size
+
+    def inside(token: int | None, fallback: int) -> int:
+        return token if isinstance(token, int) and 0 <= token < vocab else fallback
+
+    eos = inside(eos_token_id, 0)
+    return {
+        "model": {
+            "bos_token_id": inside(bos_token_id, eos),
+            "context_length": context or config.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": config.head_dim,
+                "hidden_size": config.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": config.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": inside(pad_token_id, eos),
+            "type": "decoder",
+            "vocab_size": vocab,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context or config.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
+            "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": share_buffer,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }

@@ -1,0 +1,236 @@
+"""Export: both flavours against transformers over a crossed sliding window, the portable
+contract, OpenVINO, onnxruntime-genai, half precisions, size, verify, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from starlift.artifact import verify
+from starlift.errors import ArtifactError, CheckpointError, ConfigError, UsageError
+from starlift.export import export_checkpoint
+from tests.conftest import load_hf, write_hf_checkpoint
+from tests.helpers import OpenVinoDecoder, OrtDecoder, hf_full_logits, padded_ids
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def varied_checkpoint(tmp_path_factory):
+    """Window 16, weights large enough that greedy decoding does not collapse to one token."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("varied") / "ckpt", seed=11, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def hf(varied_checkpoint):
+    return load_hf(varied_checkpoint)
+
+
+@pytest.fixture(scope="module", params=["portable", "ort"])
+def artifact(request, varied_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "artifact"
+    export_checkpoint(varied_checkpoint, out, flavour=request.param, progress=False)
+    return out
+
+
+def test_teacher_forced_decode_crosses_window(artifact, hf):
+    """10-token prefill then 85 single-token steps with window 16: every step within 1e-4."""
+    ids, mask = padded_ids([95], 99, seed=5)
+    expected = hf_full_logits(hf, ids, mask)
+    got = OrtDecoder(artifact / "model.onnx").run_chunks(ids, mask, [10] + [1] * 85)
+    per_step = np.abs(got - expected).max(axis=(0, 2))
+    assert per_step.shape == (95,) and per_step.max() <= TOL, per_step.max()
+    # a window-less model would differ past the window: the test can tell
+    assert hf.config.sliding_window == 16
+
+
+def test_left_padded_batch_decode(artifact, hf):
+    ids, mask = padded_ids([60, 41], 99, seed=6)
+    expected = hf_full_logits(hf, ids, mask)
+    got = OrtDecoder(artifact / "model.onnx").run_chunks(ids, mask, [30] + [1] * 30)
+    real = mask.astype(bool)
+    assert np.abs(got - expected)[real].max() <= TOL
+
+
+def test_manifest_and_configs(artifact, varied_checkpoint):
+    manifest = verify(artifact)
+    assert manifest["format"] == "starlift-artifact/1"
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "config.json", "generation_config.json",
+                                      "genai_config.json"}
+    assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_error"] <= TOL
+    assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "starlift"}
+    assert "model.safetensors" in manifest["source"]["files"]
+    genai = json.loads((artifact / "genai_config.json").read_text())
+    assert genai["model"]["type"] == "decoder"
+    assert 0 <= genai["model"]["eos_token_id"] < 99
+    assert genai["search"]["past_present_share_buffer"] is False  # concat-grow graphs
+    assert genai["model"]["decoder"]["num_key_value_heads"] == 2
+
+
+def test_portable_contract(tmp_path, varied_checkpoint):
+    out = tmp_path / "p"
+    export_checkpoint(varied_checkpoint, out, progress=False)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    assert all(domain in ("", "ai.onnx") for domain, _ in ops), ops
+    assert not {op for _, op in ops} & {"If", "Loop", "Scan"}
+    names = [i.name for i in model.graph.input]
+    assert names == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [o.name for o in model.graph.output] == ["logits"] + [
+        f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    types = {i.name: i.type.tensor_type for i in model.graph.input}
+    assert types["input_ids"].elem_type == onnx.TensorProto.INT64
+    assert types["attention_mask"].elem_type == onnx.TensorProto.INT64
+    kv = types["past_key_values.0.key"]
+    assert kv.elem_type == onnx.TensorProto.FLOAT
+    dims = [d.dim_param or d.dim_value for d in kv.shape.dim]
+    assert dims[1] == 2 and dims[3] == 8  # kv heads and head dim are static
+    assert isinstance(dims[0], str) and isinstance(dims[2], str)  # dynamic batch and past
+
+
+def test_openvino_runs_portable_with_parity(tmp_path, varied_checkpoint, hf):
+    pytest.importorskip("openvino", reason="openvino is a test extra")
+    out = tmp_path / "p"
+    export_checkpoint(varied_checkpoint, out, progress=False)
+    ids, mask = padded_ids([70, 52], 99, seed=8)
+    expected = hf_full_logits(hf, ids, mask)
+    got = OpenVinoDecoder(out / "model.onnx").run_chunks(ids, mask, [20] + [1] * 50)
+    assert np.abs(got - expected)[mask.astype(bool)].max() <= TOL
+
+
+def _greedy_reference(hf, prompt, steps, eos):
+    import torch
+
+    ids = torch.tensor([prompt])
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = int(hf(ids).logits[0, -1].argmax())
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        if nxt == eos:
+            break
+    return ids[0].tolist()
+
+
+def test_onnxruntime_genai_greedy_equals_transformers(artifact, hf):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test extra")
+    prompt = [5, 17, 42, 8, 61, 23]
+    expected = _greedy_reference(hf, prompt, 40, eos=hf.config.eos_token_id)
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 40, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    got = [int(t) for t in gen.get_sequence(0)]
+    assert got == expected
+    assert len(set(expected[len(prompt):])) >= 3  # a greedy run that does not collapse to one token
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_exports(tmp_path, varied_checkpoint, dtype):
+    out = tmp_path / dtype
+    manifest = export_checkpoint(varied_checkpoint, out, dtype=dtype, progress=False)
+    assert manifest["dtype"] == dtype
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert outputs["logits"] == onnx.TensorProto.FLOAT  # logits in fp32
+    expected_kv = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    assert outputs["present.0.key"] == expected_kv
+    v = manifest["validation"]
+    if dtype == "fp16":
+        assert v["finite"] and v["passed"]
+        ids, mask = padded_ids([50], 99, seed=9)
+        logits = OrtDecoder(out / "model.onnx", np.float16).run_chunks(ids, mask, [20] + [1] * 30)
+        assert np.isfinite(logits).all()
+    else:
+        pytest.importorskip("openvino", reason="bf16 runs on OpenVINO here (ORT CPU has no bf16 kernels)")
+        import openvino as ov
+
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(out / "model.onnx")), "CPU")
+        ids, mask = padded_ids([12], 99, seed=9)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.arange(12)[None]}
+        for i in range(2):
+            for kv in ("key", "value"):
+                feed[f"past_key_values.{i}.{kv}"] = ov.Tensor(ov.Type.bf16, [1, 2, 0, 8])
+        res = compiled(feed)
+        logits = next(v for k, v in res.items() if k.get_any_name() == "logits")
+        assert np.isfinite(logits).all()
+
+
+def test_tied_embedding_stored_once_and_size_ratio(tmp_path):
+    ckpt = write_hf_checkpoint(tmp_path / "mid", seed=2, vocab_size=8192, hidden_size=128, intermediate_size=512,
+                               num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "mid-onnx"
+    manifest = export_checkpoint(ckpt, out, progress=False)
+    assert manifest["size"]["ratio"] <= 1.05, manifest["size"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    big = [(i.name, list(i.dims)) for i in model.graph.initializer if 8192 in i.dims]
+    assert big == [("model.embed_tokens.weight", [8192, 128])]
+
+
+def test_verify_fails_on_flipped_byte_and_bad_names(tmp_path, varied_checkpoint):
+    out = tmp_path / "v"
+    export_checkpoint(varied_checkpoint, out, progress=False)
+    verify(out)
+    data = out / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        verify(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["../escape"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        verify(out)
+
+
+def _no_litter(parent):
+    return not [p for p in parent.iterdir() if p.name.startswith(".starlift-tmp")]
+
+
+def test_bad_inputs_leave_nothing(tmp_path, varied_checkpoint):
+    broken = tmp_path / "broken"
+    shutil.copytree(varied_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(CheckpointError, match="truncated"):
+        export_checkpoint(broken, tmp_path / "o1", progress=False)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        export_checkpoint(broken, tmp_path / "o2", progress=False)
+    cfg = json.loads((varied_checkpoint / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="model_type is 'gpt2'"):
+        export_checkpoint(broken, tmp_path / "o3", progress=False)
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match="--force"):
+        export_checkpoint(varied_checkpoint, existing, progress=False)
+    assert (existing / "keep.txt").read_text() == "precious"
+    with pytest.raises(UsageError, match="cannot write"):
+        export_checkpoint(varied_checkpoint, "/proc/starlift-cannot-write-here", progress=False)
+    with pytest.raises(UsageError, match="cannot write"):
+        export_checkpoint(varied_checkpoint, tmp_path / "exists" / "keep.txt" / "x", progress=False)
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+    assert _no_litter(tmp_path)
+
+
+def test_failed_validation_removes_artifact(tmp_path, varied_checkpoint, monkeypatch):
+    """A graph that disagrees with the reference fails the export and leaves nothing behind."""
+    from starlift.export import validate
+
+    monkeypatch.setitem(validate.TOLERANCE, "fp32", 0.0)  # an impossible bound: any rounding fails it
+    from starlift.errors import ParityError
+
+    with pytest.raises(ParityError, match="artifact was removed"):
+        export_checkpoint(varied_checkpoint, tmp_path / "strict", progress=False)
+    assert not (tmp_path / "strict").exists() and _no_litter(tmp_path)
