@@ -90,6 +90,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             bar.update()
             stage("save")
             ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data")
+            # onnxscript's module-level rewrite rules keep a reference to the last graph they
+            # matched; dropping the tensors from the graph frees the weights all the same.
+            for value in graph.graph.initializers.values():
+                value.const_value = None
+            graph.graph.initializers.clear()
             del graph, model
             gc.collect()
             bar.update()

@@ -141,6 +141,7 @@ def _fold_weight_transposes(model: ir.Model) -> None:
             out.replace_all_uses_with(new)
             graph.remove(node, safe=True)
             del graph.initializers[source.name]
+            source.const_value = None  # the lazy tensor holds the weight now, and only it
         else:
             _tied_head_to_gemm(graph, node, source, out)
 

@@ -15,5 +15,20 @@ from .errors import (  # noqa: E402
     UsageError,
 )
 
-__all__ = ["ArtifactError", "CheckpointError", "ConfigError", "ParityError", "StarliftError", "UsageError",
+
+def load(path, backend="onnxruntime", **options):
+    """A :class:`starlift.generation.Generator` for an artifact or checkpoint (see ``starlift.api.load``)."""
+    from .api import load as _load
+
+    return _load(path, backend=backend, **options)
+
+
+def pipeline(task, model, backend="onnxruntime", **options):
+    """transformers-style ``pipeline("text-generation", model=PATH, backend=...)``."""
+    from .api import pipeline as _pipeline
+
+    return _pipeline(task, model=model, backend=backend, **options)
+
+
+__all__ = ["ArtifactError", "load", "pipeline", "CheckpointError", "ConfigError", "ParityError", "StarliftError", "UsageError",
            "__version__"]

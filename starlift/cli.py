@@ -20,6 +20,8 @@ COMMANDS = {
     "init-random": ("starlift.commands.init_random", "write a random-init checkpoint of a preset shape"),
     "export": ("starlift.commands.export", "export a checkpoint to a validated ONNX artifact"),
     "verify": ("starlift.commands.verify", "check an artifact's hashes, file names and ONNX graph"),
+    "generate": ("starlift.commands.generate", "generate text or fill in the middle on any backend"),
+    "parity": ("starlift.commands.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
     "demo": ("starlift.commands.demo", "the main job end to end on the embedded default model"),
 }
 

@@ -1,0 +1,96 @@
+"""OpenVINO runner: the portable flavour on the CPU plugin, f32 by default, bf16 on request.
+
+OpenVINO defaults to bf16 inference on CPUs with AMX/AVX512-BF16; parity needs f32, so the
+precision hint is always set explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from starlift.errors import StarliftError, UsageError
+
+from .base import ModelMeta, Runner
+from .onnx_metadata import artifact_context, kv_inputs_from_names
+
+PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
+
+
+class OpenVinoRunner(Runner):
+    name = "openvino"
+
+    def __init__(self, model_path, device: str = "CPU", precision: str = "f32", threads: int | None = None):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.model_path, self.device, self.precision, self.threads = Path(model_path), device, PRECISIONS[precision], threads
+
+    def _activate_impl(self) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise StarliftError("the openvino backend needs the openvino package: pip install 'starlift[openvino]'") from e
+        core = ov.Core()
+        model = core.read_model(str(self.model_path))
+        config = {"INFERENCE_PRECISION_HINT": self.precision}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        try:
+            self.compiled = core.compile_model(model, self.device, config)
+        except RuntimeError as e:
+            raise StarliftError(f"OpenVINO cannot compile {self.model_path} ({str(e).strip().splitlines()[0]}); "
+                                "it runs the portable flavour: export with --flavour portable") from e
+        self.model = model
+        self.request = self.compiled.create_infer_request()
+
+    def _read_metadata_impl(self) -> ModelMeta:
+        def shape(port):
+            return tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+
+        inputs = {p.get_any_name(): shape(p) for p in self.model.inputs}
+        outputs = {p.get_any_name(): shape(p) for p in self.model.outputs}
+        layers, kv_heads, head_dim = kv_inputs_from_names(inputs)
+        kv_port = next(p for p in self.model.inputs if p.get_any_name().startswith("past_key_values."))
+        kv_type = kv_port.get_element_type().get_type_name()
+        self._kv_ov_type = kv_port.get_element_type()
+        np_dtype = {"f32": np.float32, "f16": np.float16}.get(kv_type)
+        if np_dtype is None and kv_type != "bf16":
+            raise StarliftError(f"{self.model_path}: KV cache type {kv_type} is not supported")
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        return ModelMeta(layers, kv_heads, head_dim, outputs["logits"][-1], np.dtype(np_dtype or np.float32),
+                         artifact_context(self.model_path))
+
+    def _reset_impl(self, batch: int) -> None:
+        import openvino as ov
+
+        m = self.meta
+        self._past = [ov.Tensor(self._kv_ov_type, [batch, m.kv_heads, 0, m.head_dim]) for _ in self._past_names]
+
+    def _forward_impl(self, input_ids, attention_mask, position_ids):
+        import openvino as ov
+
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed.update(zip(self._past_names, self._past, strict=True))
+        self.request.infer(feed)
+        # Output buffers are reused by the next infer(): keep copies for the cache.
+        self._past = []
+        for name in self._present_names:
+            out = self.request.get_tensor(name)
+            self._past.append(ov.Tensor(out.data.copy()) if out.element_type != ov.Type.bf16
+                              else _copy_bf16(out))
+        return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
+
+    def _deactivate_impl(self) -> None:
+        self.request = self.compiled = self.model = None
+        self._past = None
+
+
+def _copy_bf16(tensor):
+    import openvino as ov
+
+    copy = ov.Tensor(ov.Type.bf16, list(tensor.shape))
+    tensor.copy_to(copy)
+    return copy

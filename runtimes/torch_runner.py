@@ -1,0 +1,48 @@
+"""The reference model as a runner: a checkpoint folder (or bundled name) in PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import ModelMeta, Runner
+
+_NP_KV = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, checkpoint, dtype: str | None = "fp32", threads: int | None = None):
+        super().__init__()
+        self.checkpoint, self.dtype, self.threads = checkpoint, dtype, threads
+        self.model = None
+        self._past = None
+
+    def _activate_impl(self) -> None:
+        import torch
+
+        from starlift.model import load_checkpoint
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model = load_checkpoint(self.checkpoint, dtype=self.dtype)
+
+    def _read_metadata_impl(self) -> ModelMeta:
+        c = self.model.config
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size,
+                         np.dtype(_NP_KV[dtype]), c.max_position_embeddings)
+
+    def _reset_impl(self, batch: int) -> None:
+        self._past = self.model.empty_past(batch)
+
+    def _forward_impl(self, input_ids, attention_mask, position_ids):
+        import torch
+
+        with torch.inference_mode():
+            logits, self._past = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask),
+                                            torch.from_numpy(position_ids), self._past)
+        return logits.numpy()
+
+    def _deactivate_impl(self) -> None:
+        self.model, self._past = None, None

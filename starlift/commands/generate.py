@@ -1,0 +1,76 @@
+"""``starlift generate PATH --backend B (--prompt | --prompt-file | --fim-prefix/--fim-suffix | --interactive)``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from starlift.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="artifact folder, or checkpoint folder / bundled name with --backend torch")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime, openvino, tensorrt or torch")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    src.add_argument("--fim-prefix", help="fill-in-the-middle: the code before the gap (with --fim-suffix)")
+    src.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF (one per line)")
+    p.add_argument("--fim-suffix", help="fill-in-the-middle: the code after the gap")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-verify", action="store_true", help="skip the artifact's hash check")
+
+
+def _read_prompt_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}); save the prompt as UTF-8") from e
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from e
+
+
+def main(args: argparse.Namespace) -> int:
+    import starlift
+
+    if (args.fim_prefix is None) != (args.fim_suffix is None):
+        raise UsageError("--fim-prefix and --fim-suffix go together")
+    if not (args.prompt is not None or args.prompt_file or args.fim_prefix is not None or args.interactive):
+        raise UsageError("give --prompt TEXT, --prompt-file F, --fim-prefix P --fim-suffix S, or --interactive")
+    options = {"threads": args.threads} if args.threads else {}
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    ignore_eos=args.ignore_eos, truncate=args.truncate)
+    from starlift.generation import SamplingParams
+
+    SamplingParams(**{k: v for k, v in sampling.items() if k != "truncate"})  # bad values fail before loading
+    gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify, **options)
+    if args.fim_prefix is not None:
+        print(gen.fim(args.fim_prefix, args.fim_suffix, stop=args.stop, **sampling))
+        return 0
+    prompts = [args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)] \
+        if not args.interactive else None
+    if args.interactive:
+        print(f"starlift {gen.backend}: one prompt per line (\\n for newlines), Ctrl-D to quit", file=sys.stderr)
+        prompts = (line.rstrip("\n").replace("\\n", "\n") for line in sys.stdin)
+    for prompt in prompts:
+        if not prompt:
+            continue
+        if args.stream or args.interactive:
+            for piece in gen.stream(prompt, stop=args.stop, **sampling):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(gen.generate(prompt, stop=args.stop, **sampling))
+    return 0

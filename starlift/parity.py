@@ -1,0 +1,209 @@
+"""The parity gate: teacher-forced per-step logits of any runner against the reference model.
+
+The reference is the project's PyTorch model in float32 on the reference checkpoint, run once
+over the whole sequence. Each runner gets the same tokens through its KV-cache path: a prefill
+of the prompt, then one token per step. Per runner: max/mean absolute logit error, mean KL
+divergence, top-1 and top-5 agreement, and how many greedy tokens match from the prompt.
+Checks and tolerances are per precision, reported Polygraphy-style (PASS/FAIL per check and the
+tolerance that would have passed); the gate passes only when every check of every runner does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+BUILTIN_TEXT = '''import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Point:
+    x: float
+    y: float
+
+    def norm(self) -> float:
+        return (self.x ** 2 + self.y ** 2) ** 0.5
+
+
+def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\\n") for line in f]
+
+
+if __name__ == "__main__":
+    print(fibonacci(10), Point(3, 4).norm(), os.getcwd())
+'''
+
+# check -> (direction, bound): "max" means the value must be <= bound, "min" means >= bound.
+TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
+    "fp32": {"max_abs_error": ("max", 1e-3), "mean_kl": ("max", 1e-6), "top1_agreement": ("min", 0.99)},
+    "fp16": {"max_abs_error": ("max", 0.1), "mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.98)},
+    "bf16": {"max_abs_error": ("max", 1.0), "mean_kl": ("max", 1e-2), "top1_agreement": ("min", 0.95)},
+    "int8": {"mean_kl": ("max", 0.05), "top1_agreement": ("min", 0.98)},
+    "int4": {"mean_kl": ("max", 0.2), "top1_agreement": ("min", 0.93)},
+}
+
+
+@dataclass
+class ParityCase:
+    tokens: list[int]
+    prompt_len: int
+
+
+def make_case(tokenizer, vocab_size: int, text: str | None, steps: int, prompt_len: int = 16) -> ParityCase:
+    if tokenizer is not None:
+        ids = tokenizer.encode(text if text is not None else BUILTIN_TEXT)
+    else:  # no tokenizer in the artifact: fixed pseudo-random ids
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, vocab_size, size=prompt_len + steps).tolist()
+    if len(ids) < 2:
+        raise UsageError("the parity text is too short: give at least two tokens of text")
+    prompt_len = min(prompt_len, len(ids) - 1)
+    ids = ids[: prompt_len + steps]
+    return ParityCase(ids, prompt_len)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def teacher_forced(runner, case: ParityCase) -> np.ndarray:
+    """(positions, vocab) logits of the runner: a prefill, then one token per step."""
+    ids = np.asarray([case.tokens], dtype=np.int64)
+    runner.reset(1)
+    out = [runner.forward(ids[:, :case.prompt_len], np.ones((1, case.prompt_len), np.int64),
+                          np.arange(case.prompt_len)[None])[0]]
+    for t in range(case.prompt_len, len(case.tokens)):
+        out.append(runner.forward(ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]))[0])
+    return np.concatenate(out, axis=0)
+
+
+def greedy(runner, prompt: list[int], steps: int) -> list[int]:
+    from .generation import SamplingParams, generate_tokens
+
+    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
+    return [int(t[0]) for t in generate_tokens(runner, [prompt], params, eos_token_id=None)]
+
+
+def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    ref_lp, cand_lp = _log_softmax(reference), _log_softmax(candidate)
+    kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1)
+    ref_top1 = reference.argmax(-1)
+    cand_top5 = np.argsort(-candidate, axis=-1)[:, :5]
+    ref_top5 = np.argsort(-reference, axis=-1)[:, :5]
+    overlap = [len(set(a) & set(b)) / 5 for a, b in zip(ref_top5, cand_top5, strict=True)]
+    return {
+        "max_abs_error": float(np.abs(reference - candidate).max()),
+        "mean_abs_error": float(np.abs(reference - candidate).mean()),
+        "mean_kl": float(max(kl.mean(), 0.0)),
+        "top1_agreement": float((ref_top1 == candidate.argmax(-1)).mean()),
+        "top5_agreement": float(np.mean(overlap)),
+        "finite": bool(np.isfinite(candidate).all()),
+    }
+
+
+def judge(values: dict[str, Any], precision: str) -> dict[str, Any]:
+    checks = {}
+    for name, (direction, bound) in TOLERANCES.get(precision, TOLERANCES["fp32"]).items():
+        value = values[name]
+        ok = value <= bound if direction == "max" else value >= bound
+        checks[name] = {"value": value, "tolerance": bound, "direction": direction, "passed": bool(ok),
+                        "required_tolerance": value}
+    passed = all(c["passed"] for c in checks.values()) and values["finite"]
+    return {"checks": checks, "passed": bool(passed)}
+
+
+def run(path: str | Path, reference: str | Path, backends: list[str], text: str | None = None, steps: int = 32,
+        greedy_steps: int = 16, precision: str | None = None, runner_options: dict | None = None) -> dict[str, Any]:
+    """Compare each backend's runner on ``path`` with the reference checkpoint; returns the report."""
+    import torch
+
+    from .api import is_artifact
+    from .artifact import read_manifest
+    from .model import load_checkpoint
+    from .model.tokenizer import Tokenizer
+    from .runtimes import BACKENDS, create_runner
+    from .runtimes.torch_runner import TorchRunner
+
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    for b in backends:
+        if b not in BACKENDS:
+            raise UsageError(f"unknown backend {b!r}; available backends: {', '.join(BACKENDS)}")
+    path = Path(path)
+    artifact = is_artifact(path)
+    if precision is None:
+        precision = read_manifest(path).get("precision", "fp32") if artifact else "fp32"
+    ref_model = load_checkpoint(reference, dtype="fp32")
+    tok_file = next((f for f in (path / "tokenizer.json", Path(ref_model_folder(reference)) / "tokenizer.json")
+                     if f.is_file()), None)
+    tokenizer = Tokenizer.from_file(tok_file) if tok_file else None
+    case = make_case(tokenizer, ref_model.config.vocab_size, text, steps)
+    with torch.inference_mode():
+        ref_logits = ref_model(torch.tensor([case.tokens]))[0][0].numpy()
+    ref_runner = TorchRunner(reference, dtype="fp32").activate()
+    ref_greedy = greedy(ref_runner, case.tokens[:case.prompt_len], greedy_steps)
+    ref_runner.deactivate()
+    del ref_model
+    report: dict[str, Any] = {"precision": precision, "reference": str(reference), "path": str(path),
+                              "tokens": len(case.tokens), "prompt_tokens": case.prompt_len,
+                              "decode_steps": len(case.tokens) - case.prompt_len, "backends": {}}
+    for backend in backends:
+        if BACKENDS[backend][2] and not artifact:
+            raise UsageError(f"{path} is not an exported artifact; the {backend} backend needs one")
+        runner = create_runner(backend, path, **(runner_options or {}).get(backend, {}))
+        with runner:
+            if runner.meta.vocab_size != len(ref_logits[0]):
+                raise UsageError(f"{path} has a vocabulary of {runner.meta.vocab_size} but the reference has "
+                                 f"{len(ref_logits[0])}: they are different models")
+            cand = teacher_forced(runner, case)
+            got_greedy = greedy(runner, case.tokens[:case.prompt_len], greedy_steps)
+        values = metrics(ref_logits, cand)
+        match = next((i for i, (a, b) in enumerate(zip(ref_greedy, got_greedy, strict=True)) if a != b),
+                     len(ref_greedy))
+        values["greedy_match_tokens"] = match
+        values["greedy_steps"] = greedy_steps
+        values.update(judge(values, precision))
+        report["backends"][backend] = values
+    report["passed"] = all(v["passed"] for v in report["backends"].values())
+    return report
+
+
+def ref_model_folder(reference) -> Path:
+    from .model import resolve_checkpoint
+
+    return resolve_checkpoint(reference)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"parity of {report['path']} vs {report['reference']} ({report['precision']}, "
+             f"{report['prompt_tokens']} prompt tokens + {report['decode_steps']} teacher-forced steps)",
+             f"{'backend':<12} {'max|err|':>10} {'mean KL':>10} {'top1':>7} {'top5':>7} {'greedy':>8}  verdict"]
+    for name, v in report["backends"].items():
+        failed = [f"{k} {c['value']:.3g} (tol {c['tolerance']:g})" for k, c in v["checks"].items() if not c["passed"]]
+        lines.append(f"{name:<12} {v['max_abs_error']:>10.2e} {v['mean_kl']:>10.2e} {v['top1_agreement']:>7.3f} "
+                     f"{v['top5_agreement']:>7.3f} {v['greedy_match_tokens']:>4}/{v['greedy_steps']:<3}  "
+                     + ("PASS" if v["passed"] else "FAIL: " + "; ".join(failed)))
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], out: str | Path) -> None:
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
