@@ -19,6 +19,7 @@ COMMANDS = {
     "info": ("starlift.commands.info", "describe a checkpoint: parameters, bytes, KV-cache memory"),
     "init-random": ("starlift.commands.init_random", "write a random-init checkpoint of a preset shape"),
     "export": ("starlift.commands.export", "export a checkpoint to a validated ONNX artifact"),
+    "quantize": ("starlift.commands.quantize", "fp16/int8/int4 artifacts with their quality measured"),
     "verify": ("starlift.commands.verify", "check an artifact's hashes, file names and ONNX graph"),
     "generate": ("starlift.commands.generate", "generate text or fill in the middle on any backend"),
     "parity": ("starlift.commands.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),

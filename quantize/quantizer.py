@@ -1,0 +1,295 @@
+"""fp16 / int8 / int4 artifacts from fp32 ones, with their quality measured at quantize time.
+
+The quantization itself is onnxruntime's: ``MatMulNBitsQuantizer`` (weight-only 4/8-bit
+MatMul, RTN / HQQ / GPTQ, and GatherBlockQuantized for the embedding), ``quantize_dynamic``
+(int8 activations x int8 weights) and the transformers ``float16`` converter. Written here
+only what they lack: untying the LM head so that head and embedding can be quantized
+separately (an int4 head is a known cause of repetition: it stays 8-bit by default), and the
+quality gate against the fp32 artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from starlift.artifact import MODEL_FILE, verify, write_manifest
+from starlift.errors import ParityError, UsageError
+from starlift.fsutil import atomic_output_dir, check_output_dir
+
+MODES = ("fp16", "bf16", "int8", "int4")
+ALGOS = ("rtn", "hqq", "gptq")
+INT8_METHODS = ("nbits", "dynamic")
+HEAD_NODE = "/model/lm_head/MatMul"
+# Ops kept in float32 by the fp16 conversion: statistics and softmax overflow in fp16.
+FP16_KEEP = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Cos", "Sin"]
+
+# Quality gates per mode: (mean KL max, top-1 agreement min) against the fp32 artifact.
+GATES = {"fp16": (1e-3, 0.98), "int8": (0.05, 0.98), "int4": (0.2, 0.93)}
+
+
+def _untie_lm_head(model) -> bool:
+    """Gemm(h, E, transB=1) -> MatMul(h, E.T) with its own initializer, so it can be quantized
+    apart from the embedding Gather. Returns False when there is no tied Gemm head."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    gemm = next((n for n in graph.node if n.op_type == "Gemm" and n.name.endswith("lm_head/Gemm")), None)
+    if gemm is None:
+        return False
+    inits = {i.name: i for i in graph.initializer}
+    weight = numpy_helper.to_array(inits[gemm.input[1]])
+    head = numpy_helper.from_array(np.ascontiguousarray(weight.T), "lm_head.weight.T")
+    graph.initializer.append(head)
+    matmul = onnx.helper.make_node("MatMul", [gemm.input[0], head.name], list(gemm.output), name=HEAD_NODE)
+    index = list(graph.node).index(gemm)
+    graph.node.remove(gemm)
+    graph.node.insert(index, matmul)
+    return True
+
+
+def _topologically_sorted(model):
+    import onnx_ir as ir
+
+    graph_model = ir.from_proto(model)
+    graph_model.graph.sort()
+    return ir.to_proto(graph_model)
+
+
+def _rope_angle_nodes(model) -> list[str]:
+    """Nodes computing RoPE angles (position * inv_freq up to Cos/Sin): in fp16 a position of
+    1000 keeps only ~0.5 rad of resolution, so they stay fp32."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    todo = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+    seen: dict[str, object] = {}
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen[node.name] = node
+        todo.extend(producers[i] for i in node.input if i in producers)
+    return [name for name in seen if name]
+
+
+def _nbits(model, bits: int, *, block_size: int, symmetric: bool, accuracy_level: int | None, algo: str,
+           include: list[str] | None = None, exclude: list[str] | None = None, op_types=("MatMul",),
+           calibration=None):
+    import logging
+
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+    common = dict(op_types_to_quantize=op_types)
+    if algo == "rtn" or op_types != ("MatMul",):
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                                  accuracy_level=accuracy_level, bits=bits,
+                                                  quant_axes=(("MatMul", 0), ("Gather", 1)), **common)
+    elif algo == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, **common)
+    else:
+        if calibration is None:
+            raise UsageError("--algo gptq needs --calibration FILE (code text to calibrate on)")
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=block_size,
+                                               **common)
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=exclude or [],
+                                         nodes_to_include=include, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+class _TextCalibration:
+    """GPTQ calibration batches: windows of code text with an empty KV cache."""
+
+    def __init__(self, ids: list[int], layers: int, kv_heads: int, head_dim: int, window: int = 128, count: int = 8):
+        self.items = []
+        for start in range(0, max(len(ids) - window, 1), window)[:count]:
+            chunk = np.asarray([ids[start:start + window]], np.int64)
+            feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
+                    "position_ids": np.arange(chunk.shape[1])[None]}
+            for i in range(layers):
+                for kv in ("key", "value"):
+                    feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            self.items.append(feed)
+        self._iter = iter(self.items)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self):
+        self._iter = iter(self.items)
+
+
+def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size: int = 32, algo: str = "rtn",
+                      accuracy_level: int | None = None, symmetric: bool = True, int8_method: str = "nbits",
+                      head_bits: int = 8, calibration: str | Path | None = None, exclude: list[str] | None = None,
+                      eval_text: str | None = None, force: bool = False, allow_quality_loss: bool = False,
+                      progress: bool = True) -> dict[str, Any]:
+    """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest."""
+    import onnx
+
+    src = Path(src)
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "bf16":
+        raise UsageError("bf16 artifacts come from the exporter, which keeps LayerNorm and softmax in fp32: run "
+                         "`starlift export CHECKPOINT OUT --dtype bf16` (ONNX Runtime's CPU provider has no bf16 "
+                         "kernels; OpenVINO runs them)")
+    if algo not in ALGOS:
+        raise UsageError(f"unknown --algo {algo!r}; choose one of {', '.join(ALGOS)}")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise UsageError(f"--block-size must be a power of two in 16..256, got {block_size}")
+    if int8_method not in INT8_METHODS:
+        raise UsageError(f"unknown int8 method {int8_method!r}; choose one of {', '.join(INT8_METHODS)}")
+    if head_bits not in (4, 8):
+        raise UsageError(f"--head-bits must be 4 or 8, got {head_bits}")
+    manifest = verify(src, check_onnx=False)
+    if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
+        raise UsageError(f"{src} is a {manifest.get('precision')} artifact; quantize from an fp32 export")
+    check_output_dir(out, force)
+    config = json.loads((src / "config.json").read_text())
+    tokenizer = None
+    if (src / "tokenizer.json").is_file():
+        from starlift.model.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_file(src / "tokenizer.json")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=4, desc=f"quantize {mode}", unit="stage", disable=not progress, leave=False)
+    try:
+        with atomic_output_dir(out, force=force) as tmp:
+            model = onnx.load(str(src / MODEL_FILE))
+            details: dict[str, Any] = {"mode": mode}
+            if mode == "fp16":
+                from onnxruntime.transformers.float16 import convert_float_to_float16
+
+                rope = _rope_angle_nodes(model)
+                model = convert_float_to_float16(model, keep_io_types=["logits"], op_block_list=FP16_KEEP,
+                                                 node_block_list=rope)
+                model = _topologically_sorted(model)  # the converter appends its Casts at the end
+                details["kept_fp32_ops"] = FP16_KEEP
+                details["kept_fp32_nodes"] = len(rope)
+            else:
+                untied = _untie_lm_head(model)
+                head = [HEAD_NODE] if untied else [n.name for n in model.graph.node
+                                                   if n.op_type == "MatMul" and "lm_head" in n.name]
+                bits = 4 if mode == "int4" else 8
+                calib = None
+                if calibration is not None:
+                    text = Path(calibration).read_text(encoding="utf-8")
+                    if tokenizer is None:
+                        raise UsageError(f"{src} has no tokenizer.json to read the calibration text with")
+                    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+                    calib = _TextCalibration(tokenizer.encode(text), config["num_hidden_layers"],
+                                             config.get("num_key_value_heads", config["num_attention_heads"]),
+                                             head_dim)
+                bar.set_description(f"quantize {mode}: matmuls")
+                if mode == "int8" and int8_method == "dynamic":
+                    model = _dynamic_int8(model, exclude=list(exclude or []))
+                else:
+                    model = _nbits(model, bits, block_size=block_size, symmetric=symmetric,
+                                   accuracy_level=accuracy_level, algo=algo, exclude=head + list(exclude or []),
+                                   calibration=calib)
+                bar.set_description(f"quantize {mode}: head and embedding")
+                if head and head[0] not in (exclude or []):
+                    model = _nbits(model, head_bits, block_size=block_size, symmetric=symmetric,
+                                   accuracy_level=accuracy_level, algo="rtn", include=head)
+                if mode == "int4":  # onnxruntime quantizes Gather at 4 bits only; int8 keeps exact lookups
+                    model = _nbits(model, 4, block_size=block_size, symmetric=symmetric, accuracy_level=None,
+                                   algo="rtn", op_types=("Gather",))
+                details.update({"bits": bits, "block_size": block_size, "algo": algo, "symmetric": symmetric,
+                                "accuracy_level": accuracy_level, "head_bits": head_bits, "int8_method":
+                                int8_method if mode == "int8" else None,
+                                "embedding": "GatherBlockQuantized 4-bit" if mode == "int4" else "fp32 Gather",
+                                "excluded": list(exclude or [])})
+            bar.update()
+            bar.set_description(f"quantize {mode}: save")
+            onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=MODEL_FILE + ".data", size_threshold=1024)
+            del model
+            onnx.checker.check_model(str(tmp / MODEL_FILE))
+            for name in ("config.json", "tokenizer.json", "generation_config.json", "genai_config.json"):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            bar.update()
+            bar.set_description(f"quantize {mode}: quality")
+            quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text)
+            kl_max, top1_min = GATES[mode]
+            quality["gate"] = {"mean_kl_max": kl_max, "top1_min": top1_min}
+            quality["passed"] = bool(quality["mean_kl"] <= kl_max and quality["top1_agreement"] >= top1_min
+                                     and quality["finite"])
+            bar.update()
+            onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
+            src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
+            info = {k: v for k, v in manifest.items() if k not in ("format", "files", "validation", "size")}
+            info.update({"dtype": "fp16" if mode == "fp16" else "fp32", "precision": mode, "quantization": details,
+                         "size": {"onnx_bytes": onnx_bytes, "fp32_onnx_bytes": src_bytes,
+                                  "ratio_to_fp32": onnx_bytes / src_bytes},
+                         "source_artifact": {"path": src.name, "manifest_sha256": _sha(src / "manifest.json")},
+                         "quality": quality, "validation": manifest.get("validation")})
+            if mode == "fp16":
+                info["kv_cache"] = {**manifest.get("kv_cache", {}), "dtype": "fp16"}
+            new_manifest = write_manifest(tmp, info)
+            if not quality["passed"] and not allow_quality_loss:
+                raise ParityError(
+                    f"{mode} quality is below the gate against the fp32 artifact: top-1 agreement "
+                    f"{quality['top1_agreement']:.3f} (gate >= {top1_min}), mean KL {quality['mean_kl']:.3g} "
+                    f"(gate <= {kl_max}); {out} was not written. Try a smaller --block-size, --algo hqq/gptq, or "
+                    "pass --allow-quality-loss to keep it anyway")
+            bar.update()
+    finally:
+        bar.close()
+    return new_manifest
+
+
+def _sha(path: Path) -> str:
+    from starlift.fsutil import sha256_file
+
+    return sha256_file(path)
+
+
+def _dynamic_int8(model, exclude: list[str]):
+    """onnxruntime's quantize_dynamic: int8 activations x int8 weights for every MatMul."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="starlift-q8-") as tmp:
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=exclude, per_channel=True, use_external_data_format=True)
+        return onnx.load(str(dst))
+
+
+def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict,
+                    eval_text: str | None) -> dict[str, Any]:
+    """Teacher-forced logits of both models over a fixed code text, in one pass each."""
+    from starlift import parity
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    case = parity.make_case(tokenizer, config["vocab_size"], eval_text, steps=100_000, prompt_len=1)
+    ids = np.asarray([case.tokens[: config.get("max_position_embeddings", 2048)]], np.int64)
+    logits = {}
+    for name, path in (("reference", reference_path), ("candidate", candidate_path)):
+        with OnnxRuntimeRunner(path) as runner:
+            runner.reset(1)
+            logits[name] = runner.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0]
+    values = parity.metrics(logits["reference"], logits["candidate"])
+
+    def perplexity(lg: np.ndarray) -> float:
+        lp = parity._log_softmax(lg[:-1])
+        return float(np.exp(-lp[np.arange(len(lp)), ids[0, 1:]].mean()))
+
+    values.update({"tokens": int(ids.shape[1]), "text": "built-in" if eval_text is None else "given",
+                   "perplexity_fp32": perplexity(logits["reference"]),
+                   "perplexity": perplexity(logits["candidate"])})
+    values["perplexity_change"] = values["perplexity"] / values["perplexity_fp32"] - 1
+    return values

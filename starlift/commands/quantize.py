@@ -1,0 +1,43 @@
+"""``starlift quantize ARTIFACT OUT --mode fp16|bf16|int8|int4 [...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="an fp32 artifact folder written by starlift export")
+    p.add_argument("out", help="output artifact folder (written atomically)")
+    p.add_argument("--mode", required=True, choices=["fp16", "bf16", "int8", "int4"])
+    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256])
+    p.add_argument("--algo", default="rtn", choices=["rtn", "hqq", "gptq"])
+    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute type on CPU (4 = int8 compute)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
+    p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic"],
+                   help="int8: weight-only MatMulNBits (default) or dynamic int8 activations")
+    p.add_argument("--head-bits", type=int, default=8, choices=[4, 8], help="bits of the LM head (default 8)")
+    p.add_argument("--calibration", default=None, help="code text for GPTQ calibration")
+    p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: built-in)")
+    p.add_argument("--exclude", action="append", default=None, help="node name to keep in float (repeatable)")
+    p.add_argument("--allow-quality-loss", action="store_true", help="keep the output even below the quality gate")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from starlift.commands.generate import _read_prompt_file
+    from starlift.quantize import quantize_artifact
+
+    text = _read_prompt_file(args.eval_text) if args.eval_text else None
+    m = quantize_artifact(args.artifact, args.out, mode=args.mode, block_size=args.block_size, algo=args.algo,
+                          accuracy_level=args.accuracy_level, symmetric=not args.asymmetric,
+                          int8_method=args.int8_method, head_bits=args.head_bits, calibration=args.calibration,
+                          exclude=args.exclude, eval_text=text, force=args.force,
+                          allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
+    q = m["quality"]
+    print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
+          f"(x{m['size']['ratio_to_fp32']:.3f} of fp32); top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}, "
+          f"perplexity {q['perplexity_fp32']:.3f} -> {q['perplexity']:.3f}"
+          + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
+    return 0

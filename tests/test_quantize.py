@@ -1,0 +1,81 @@
+"""Quantization: every mode writes a valid artifact with its quality report; a failed gate
+removes the output; the quantized artifacts generate through starlift.load."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+import starlift
+from starlift.artifact import verify
+from starlift.errors import ParityError, UsageError
+from starlift.export import export_checkpoint
+from starlift.quantize import quantize_artifact
+from tests.conftest import write_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    ckpt = write_hf_checkpoint(root / "ckpt", seed=5, vocab_size=512, hidden_size=64, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    return export_checkpoint(ckpt, root / "ort", flavour="ort", progress=False) and root / "ort"
+
+
+@pytest.mark.parametrize("mode,kwargs", [
+    ("fp16", {}),
+    ("int8", {}),
+    ("int8", {"int8_method": "dynamic"}),
+    ("int4", {}),
+    ("int4", {"algo": "hqq", "block_size": 64}),
+    ("int4", {"symmetric": False, "accuracy_level": 4}),
+])
+def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwargs):
+    out = tmp_path / mode
+    manifest = quantize_artifact(fp32_artifact, out, mode=mode, progress=False, allow_quality_loss=True, **kwargs)
+    assert verify(out)["precision"] == mode == manifest["precision"]
+    q = manifest["quality"]
+    assert {"top1_agreement", "mean_kl", "perplexity", "perplexity_fp32", "passed", "gate"} <= set(q)
+    assert q["finite"] and q["tokens"] > 50
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    if mode == "int4" or (mode == "int8" and not kwargs):
+        assert "MatMulNBits" in ops
+    if mode == "int4":
+        assert "GatherBlockQuantized" in ops
+        assert manifest["size"]["ratio_to_fp32"] < 0.5
+    if mode == "int8" and kwargs:
+        assert {"DynamicQuantizeMatMul", "MatMulInteger"} & ops or "DynamicQuantizeLinear" in ops
+    for name in ("genai_config.json", "tokenizer.json", "config.json"):
+        assert (out / name).is_file() == (fp32_artifact / name).is_file()
+    gen = starlift.load(out)
+    assert len(gen.generate([5, 6, 7, 8], max_new_tokens=6, ignore_eos=True)) == 6
+
+
+def test_gate_failure_removes_output(fp32_artifact, tmp_path, monkeypatch):
+    from starlift.quantize import quantizer
+
+    monkeypatch.setitem(quantizer.GATES, "int4", (0.0, 1.01))  # a gate nothing can pass
+    with pytest.raises(ParityError, match="below the gate"):
+        quantize_artifact(fp32_artifact, tmp_path / "bad", mode="int4", progress=False)
+    assert not (tmp_path / "bad").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".starlift-tmp")]
+    m = quantize_artifact(fp32_artifact, tmp_path / "kept", mode="int4", progress=False, allow_quality_loss=True)
+    assert m["quality"]["passed"] is False and (tmp_path / "kept").is_dir()
+
+
+def test_bad_requests(fp32_artifact, tmp_path):
+    with pytest.raises(UsageError, match="--dtype bf16"):
+        quantize_artifact(fp32_artifact, tmp_path / "b", mode="bf16", progress=False)
+    with pytest.raises(UsageError, match="unknown mode"):
+        quantize_artifact(fp32_artifact, tmp_path / "b", mode="int3", progress=False)
+    with pytest.raises(UsageError, match="calibration"):
+        quantize_artifact(fp32_artifact, tmp_path / "b", mode="int4", algo="gptq", progress=False)
+    q = quantize_artifact(fp32_artifact, tmp_path / "q8", mode="int8", progress=False, allow_quality_loss=True)
+    assert q
+    with pytest.raises(UsageError, match="quantize from an fp32 export"):
+        quantize_artifact(tmp_path / "q8", tmp_path / "b", mode="int4", progress=False)
+    assert not (tmp_path / "b").exists()
+    manifest = json.loads((tmp_path / "q8" / "manifest.json").read_text())
+    assert manifest["source_artifact"]["path"] == fp32_artifact.name
