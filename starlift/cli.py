@@ -23,6 +23,7 @@ COMMANDS = {
     "verify": ("starlift.commands.verify", "check an artifact's hashes, file names and ONNX graph"),
     "generate": ("starlift.commands.generate", "generate text or fill in the middle on any backend"),
     "parity": ("starlift.commands.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
+    "bench": ("starlift.commands.bench", "decode speed, TTFT, batch throughput, RSS and roofline vs peers"),
     "demo": ("starlift.commands.demo", "the main job end to end on the embedded default model"),
 }
 

@@ -1,0 +1,258 @@
+"""``starlift bench``: decode speed, time to first token, batch throughput, memory, and the
+memory-bandwidth roofline, per artifact x backend, with peers measured in the same run.
+
+Every figure is a median over repetitions; comparisons are ratios measured in one process,
+interleaved round-robin so that machine noise hits every row alike.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+
+def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Bytes/s of a large copy (read + write counted), the best of ``reps``."""
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _prompt(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(min(38, vocab - 1), vocab, size=(batch, length)).astype(np.int64)
+
+
+def run_decode(runner, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """One timed generation on a runner: prefill (TTFT) then greedy decode steps."""
+    ids = _prompt(runner.meta.vocab_size, batch, prompt_len)
+    mask = np.ones((batch, prompt_len), np.int64)
+    runner.reset(batch)
+    t0 = time.perf_counter()
+    logits = runner.forward(ids, mask, np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)))
+    token = logits[:, -1].argmax(-1)
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for step in range(new_tokens - 1):
+        pos = prompt_len + step
+        mask = np.ones((batch, pos + 1), np.int64)
+        logits = runner.forward(token[:, None], mask, np.full((batch, 1), pos))
+        token = logits[:, -1].argmax(-1)
+    decode = time.perf_counter() - t1
+    return {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / decode}
+
+
+def latency_by_position(runner, positions: list[int], reps: int = 5) -> dict[int, float]:
+    """Median seconds of one decode step with ``p`` tokens already in the cache."""
+    out = {}
+    vocab = runner.meta.vocab_size
+    for p in positions:
+        ids = _prompt(vocab, 1, p)
+        runner.reset(1)
+        runner.forward(ids, np.ones((1, p), np.int64), np.arange(p)[None])
+        times = []
+        for r in range(reps):
+            # decode at the same position each rep: rebuild the cache only when it has grown
+            t = time.perf_counter()
+            runner.forward(ids[:, :1], np.ones((1, p + r + 1), np.int64), np.array([[p + r]]))
+            times.append(time.perf_counter() - t)
+        out[p] = float(np.median(times))
+    return out
+
+
+class _Row:
+    def __init__(self, name: str, path: str, backend: str, make_runner, weight_bytes: int, precision: str,
+                 kv_bytes_per_token: int):
+        self.name, self.path, self.backend, self.make_runner = name, path, backend, make_runner
+        self.weight_bytes, self.precision, self.kv_bytes_per_token = weight_bytes, precision, kv_bytes_per_token
+        self.samples: dict[str, list[float]] = {}
+        self.runner = None
+        self.rss = 0
+
+    def add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+
+def _artifact_row(path: Path, backend: str, threads: int | None) -> _Row:
+    from .artifact import read_manifest
+    from .runtimes import create_runner
+
+    manifest = read_manifest(path)
+    config = json.loads((path / "config.json").read_text())
+    precision = manifest.get("precision", manifest.get("dtype", "fp32"))
+    weight_bytes = sum(p.stat().st_size for p in path.glob("model.onnx*"))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_elem = 2 if manifest.get("dtype") in ("fp16", "bf16") else 4
+    kv = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", 1) * head_dim * kv_elem
+    options = {"threads": threads} if threads else {}
+    return _Row(f"starlift {manifest.get('flavour')} {precision}", str(path), backend,
+                lambda: create_runner(backend, path, **options), weight_bytes, precision, kv)
+
+
+def _peer_rows(reference: Path, threads: int | None) -> list[_Row]:
+    """What a user would pick instead: transformers' eager Starcoder2ForCausalLM."""
+    from .model import Starcoder2Config
+
+    config = Starcoder2Config.from_hf(reference)
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    weight_bytes = config.num_parameters() * 4
+    return [_Row("transformers eager fp32", str(reference), "transformers",
+                 lambda: TransformersRunner(reference, threads), weight_bytes, "fp32", kv)]
+
+
+class TransformersRunner:
+    """transformers' Starcoder2ForCausalLM behind the runner calls bench uses (a peer, not a starlift runner)."""
+
+    name = "transformers"
+
+    def __init__(self, checkpoint: Path, threads: int | None = None):
+        self.checkpoint, self.threads = checkpoint, threads
+
+    def activate(self):
+        import torch
+        import transformers
+
+        from .runtimes.base import ModelMeta
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model = transformers.Starcoder2ForCausalLM.from_pretrained(self.checkpoint, dtype=torch.float32).eval()
+        c = self.model.config
+        self.meta = ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
+                              c.vocab_size, np.dtype(np.float32), c.max_position_embeddings)
+        return self
+
+    def deactivate(self):
+        self.model = None
+
+    def reset(self, batch: int) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    def forward(self, ids, mask, pos):
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(np.ascontiguousarray(ids)),
+                             attention_mask=torch.from_numpy(np.ascontiguousarray(mask)),
+                             position_ids=torch.from_numpy(np.ascontiguousarray(pos)),
+                             cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        return out.logits.numpy()
+
+
+def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens: int = 128,
+        batches: tuple[int, ...] = (1, 4, 8), reps: int = 3, peers_reference: str | None = None,
+        threads: int | None = None, positions: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from .api import is_artifact
+
+    if prompt_len < 1 or new_tokens < 2 or reps < 1:
+        raise UsageError("--prompt-len must be >= 1, --new-tokens >= 2 and --reps >= 1")
+    rows: list[_Row] = []
+    for p in paths:
+        if not is_artifact(p):
+            raise UsageError(f"{p} is not an artifact folder (no manifest.json); export it first")
+        for b in backends:
+            rows.append(_artifact_row(Path(p), b, threads))
+    if peers_reference:
+        rows.extend(_peer_rows(Path(peers_reference), threads))
+    bandwidth = memory_bandwidth()
+    for row in rows:
+        base = _rss()
+        row.runner = row.make_runner().activate()
+        row.rss = _rss() - base
+        run_decode(row.runner, 1, min(prompt_len, 16), 4)  # warm-up
+    work = [(row, batch) for _ in range(reps) for batch in batches for row in rows]
+    for row, batch in tqdm(work, desc="bench", disable=not progress, leave=False):
+        r = run_decode(row.runner, batch, prompt_len, new_tokens)
+        row.add(f"tokens_per_s@{batch}", r["decode_tokens_per_s"])
+        if batch == 1:
+            row.add("ttft_s", r["ttft_s"])
+    results = []
+    for row in rows:
+        context = row.runner.meta.context or 2048
+        pos_list = positions or [p for p in (64, 256, 1024, 4096) if p < context]
+        lat = latency_by_position(row.runner, pos_list)
+        med = {k: float(np.median(v)) for k, v in row.samples.items()}
+        tps1 = med["tokens_per_s@1"]
+        step_bytes = row.weight_bytes + row.kv_bytes_per_token * (prompt_len + new_tokens // 2)
+        floor = bandwidth / step_bytes
+        results.append({
+            "name": row.name, "path": row.path, "backend": row.backend, "precision": row.precision,
+            "decode_tokens_per_s": tps1, "ttft_s": med["ttft_s"],
+            "throughput_tokens_per_s": {b: med[f"tokens_per_s@{b}"] for b in batches},
+            "batch_scaling": {b: med[f"tokens_per_s@{b}"] / tps1 for b in batches},
+            "rss_bytes": row.rss, "weight_bytes": row.weight_bytes,
+            "roofline_tokens_per_s": floor, "roofline_fraction": tps1 / floor,
+            "latency_by_position_s": {str(k): v for k, v in lat.items()},
+            "samples": row.samples,
+        })
+        row.runner.deactivate()
+    peer = next((r for r in results if r["backend"] == "transformers"), None)
+    for r in results:
+        if peer:
+            r["vs_transformers"] = r["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+            r["ttft_vs_transformers"] = r["ttft_s"] / peer["ttft_s"]
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": __import__("os").cpu_count(), "memory_bandwidth_bytes_per_s": bandwidth},
+            "settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": list(batches),
+                         "reps": reps, "threads": threads},
+            "results": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    bw = report["machine"]["memory_bandwidth_bytes_per_s"] / 1e9
+    s = report["settings"]
+    lines = [f"bench: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['reps']}; "
+             f"memory bandwidth {bw:.1f} GB/s",
+             f"{'row':<28} {'backend':<12} {'tok/s':>8} {'TTFT ms':>8} "
+             + " ".join(f"{'b' + str(b) + ' tok/s':>10}" for b in s["batches"])
+             + f" {'RSS MiB':>8} {'roofline':>8} {'vs HF':>6}"]
+    for r in report["results"]:
+        lines.append(f"{r['name']:<28} {r['backend']:<12} {r['decode_tokens_per_s']:>8.1f} {r['ttft_s'] * 1e3:>8.1f} "
+                     + " ".join(f"{r['throughput_tokens_per_s'][b]:>10.1f}" for b in s["batches"])
+                     + f" {r['rss_bytes'] / 2**20:>8.0f} {r['roofline_fraction'] * 100:>7.1f}%"
+                     + (f" {r['vs_transformers']:>5.2f}x" if "vs_transformers" in r else ""))
+    lines.append("latency per decode step (ms) by position: " + "; ".join(
+        f"{r['name']}/{r['backend']}: " + ", ".join(f"{p}:{v * 1e3:.2f}" for p, v in r["latency_by_position_s"].items())
+        for r in report["results"]))
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], out: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [f"{r['name']}\n{r['backend']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["decode_tokens_per_s"] for r in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    s = report["settings"]
+    ax.set_title(f"starlift bench: prompt {s['prompt_len']}, {s['new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

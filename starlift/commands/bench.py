@@ -1,0 +1,51 @@
+"""``starlift bench PATH... [--backend B ...] [--prompt-len] [--new-tokens] [--batch] [--reps] [--peers CKPT]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from starlift.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="artifact folders")
+    p.add_argument("--backend", action="append", default=None, help="backend (repeatable; default onnxruntime)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes (1 is always measured)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--positions", default=None, help="comma-separated cache positions for the latency curve")
+    p.add_argument("--peers", metavar="CHECKPOINT", default=None,
+                   help="also run transformers' eager Starcoder2ForCausalLM on this checkpoint (extra starlift[bench])")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} values must be positive, got {text!r}")
+    return values
+
+
+def main(args: argparse.Namespace) -> int:
+    from starlift import bench
+
+    batches = tuple(sorted(set([1, *_ints(args.batch, "--batch")])))
+    positions = _ints(args.positions, "--positions") if args.positions else None
+    report = bench.run(args.paths, args.backend or ["onnxruntime"], prompt_len=args.prompt_len,
+                       new_tokens=args.new_tokens, batches=batches, reps=args.reps, peers_reference=args.peers,
+                       threads=args.threads, positions=positions, progress=not args.no_progress)
+    print(bench.format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        bench.plot(report, args.plot)
+    return 0
