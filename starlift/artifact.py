@@ -22,7 +22,8 @@ MODEL_FILE = "model.onnx"
 def _safe_member(folder: Path, name: str) -> Path:
     """A file named by the manifest, refused if it would leave the artifact folder."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
-        raise ArtifactError(f"{folder}/{MANIFEST} names {name!r}: only plain file names inside the artifact are allowed")
+        raise ArtifactError(f"{folder}/{MANIFEST} names {name!r}, which points outside the artifact folder "
+                            "(only plain file names inside it are allowed); refusing it")
     parts = Path(name).parts
     if any(p in ("..", ".") for p in parts) or len(parts) != 1:
         raise ArtifactError(f"{folder}/{MANIFEST} names {name!r}, which points outside the artifact folder; refusing it")

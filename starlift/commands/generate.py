@@ -65,8 +65,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"starlift {gen.backend}: one prompt per line (\\n for newlines), Ctrl-D to quit", file=sys.stderr)
         prompts = (line.rstrip("\n").replace("\\n", "\n") for line in sys.stdin)
     for prompt in prompts:
-        if not prompt:
-            continue
+        if not prompt and args.interactive:
+            continue  # a blank line in interactive mode
         if args.stream or args.interactive:
             for piece in gen.stream(prompt, stop=args.stop, **sampling):
                 print(piece, end="", flush=True)
