@@ -82,6 +82,7 @@ def test_pip_install_into_fresh_venv(tmp_path):
     # The stage folders install as subpackages of starlift, never as top-level names.
     site = subprocess.run([str(venv / "bin" / "python"), "-c",
                            "import starlift.model, starlift.export, starlift.runtimes, starlift.quantize, "
-                           "importlib.util as u; print(u.find_spec('model'), u.find_spec('export'))"],
+                           "importlib.util as u; print(u.find_spec('model'), u.find_spec('export'), "
+                           "list(starlift.model.bundled_checkpoints()))"],
                           capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert site.stdout.strip() == "None None"
+    assert site.stdout.strip() == "None None ['starcoder2-nano']"  # the bundled model ships in the wheel
