@@ -29,6 +29,7 @@ HEAD_NODE = "/model/lm_head/MatMul"
 # Ops kept in float32 by the fp16 conversion: statistics and softmax overflow in fp16.
 FP16_KEEP = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Cos", "Sin"]
 
+EVAL_TOKENS = 1024
 # Quality gates per mode: (mean KL max, top-1 agreement min) against the fp32 artifact.
 GATES = {"fp16": (1e-3, 0.98), "int8": (0.05, 0.98), "int4": (0.2, 0.93)}
 
@@ -126,11 +127,17 @@ class _TextCalibration:
     def rewind(self):
         self._iter = iter(self.items)
 
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
 
 def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size: int = 32, algo: str = "rtn",
                       accuracy_level: int | None = None, symmetric: bool = True, int8_method: str = "nbits",
                       head_bits: int = 8, calibration: str | Path | None = None, exclude: list[str] | None = None,
-                      eval_text: str | None = None, force: bool = False, allow_quality_loss: bool = False,
+                      eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest."""
     import onnx
@@ -221,7 +228,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                     shutil.copyfile(src / name, tmp / name)
             bar.update()
             bar.set_description(f"quantize {mode}: quality")
-            quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text)
+            quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text,
+                                      windows=eval_windows)
             kl_max, top1_min = GATES[mode]
             quality["gate"] = {"mean_kl_max": kl_max, "top1_min": top1_min}
             quality["passed"] = bool(quality["mean_kl"] <= kl_max and quality["top1_agreement"] >= top1_min
@@ -270,25 +278,35 @@ def _dynamic_int8(model, exclude: list[str]):
 
 
 def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict,
-                    eval_text: str | None) -> dict[str, Any]:
-    """Teacher-forced logits of both models over a fixed code text, in one pass each."""
+                    eval_text: str | None, windows: int = 4) -> dict[str, Any]:
+    """Teacher-forced logits of both models over a fixed code text, in windows of at most
+    EVAL_TOKENS (a full-pass attention costs tokens^2 memory), up to ``windows`` of them."""
     from starlift import parity
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
-    case = parity.make_case(tokenizer, config["vocab_size"], eval_text, steps=100_000, prompt_len=1)
-    ids = np.asarray([case.tokens[: config.get("max_position_embeddings", 2048)]], np.int64)
-    logits = {}
+    limit = min(EVAL_TOKENS, config.get("max_position_embeddings", EVAL_TOKENS))
+    case = parity.make_case(tokenizer, config["vocab_size"], eval_text, steps=limit * windows - 1, prompt_len=1)
+    chunks = [np.asarray([case.tokens[i:i + limit]], np.int64) for i in range(0, len(case.tokens), limit)]
+    chunks = [c for c in chunks[:windows] if c.shape[1] > 1]
+    logits: dict[str, list[np.ndarray]] = {}
     for name, path in (("reference", reference_path), ("candidate", candidate_path)):
         with OnnxRuntimeRunner(path) as runner:
-            runner.reset(1)
-            logits[name] = runner.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0]
-    values = parity.metrics(logits["reference"], logits["candidate"])
+            logits[name] = []
+            for ids in chunks:
+                runner.reset(1)
+                logits[name].append(runner.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0])
+    values = parity.metrics(np.concatenate(logits["reference"]), np.concatenate(logits["candidate"]))
 
-    def perplexity(lg: np.ndarray) -> float:
-        lp = parity._log_softmax(lg[:-1])
-        return float(np.exp(-lp[np.arange(len(lp)), ids[0, 1:]].mean()))
+    def perplexity(per_chunk: list[np.ndarray]) -> float:
+        nll = []
+        for lg, ids in zip(per_chunk, chunks, strict=True):
+            for i in range(0, len(lg) - 1, 256):  # row blocks: a float64 log-softmax of 49k columns is large
+                rows = np.arange(i, min(i + 256, len(lg) - 1))
+                nll.append(-parity._log_softmax(lg[rows])[np.arange(len(rows)), ids[0, rows + 1]])
+        return float(np.exp(np.concatenate(nll).mean()))
 
-    values.update({"tokens": int(ids.shape[1]), "text": "built-in" if eval_text is None else "given",
+    values.update({"tokens": int(sum(c.shape[1] for c in chunks)), "windows": len(chunks),
+                   "text": "built-in" if eval_text is None else "given",
                    "perplexity_fp32": perplexity(logits["reference"]),
                    "perplexity": perplexity(logits["candidate"])})
     values["perplexity_change"] = values["perplexity"] / values["perplexity_fp32"] - 1

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         rows, completions = [], {}
         for backend, flavour, precision in runs:
             path = arts[(flavour, precision)]
-            report = parity.run(path, args.model, [backend], steps=48)
+            report = parity.run(path, args.model, [backend], steps=200)
             gen = starlift.load(path, backend=backend)
             tps = _tokens_per_second(gen, PROMPTS[0], 64)
             if (backend, precision) in (("onnxruntime", "fp32"), ("openvino", "fp32")) and backend not in completions:

@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-bits", type=int, default=8, choices=[4, 8], help="bits of the LM head (default 8)")
     p.add_argument("--calibration", default=None, help="code text for GPTQ calibration")
     p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: built-in)")
+    p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
     p.add_argument("--exclude", action="append", default=None, help="node name to keep in float (repeatable)")
     p.add_argument("--allow-quality-loss", action="store_true", help="keep the output even below the quality gate")
     p.add_argument("--force", action="store_true")
@@ -33,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     m = quantize_artifact(args.artifact, args.out, mode=args.mode, block_size=args.block_size, algo=args.algo,
                           accuracy_level=args.accuracy_level, symmetric=not args.asymmetric,
                           int8_method=args.int8_method, head_bits=args.head_bits, calibration=args.calibration,
-                          exclude=args.exclude, eval_text=text, force=args.force,
+                          exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force,
                           allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
     q = m["quality"]
     print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
