@@ -85,7 +85,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             flavours.check_portable(graph)
             fusions: dict[str, int] = {}
             if flavour == "ort":
-                graph, fusions = flavours.to_ort(graph)
+                graph, fusions = flavours.to_ort(graph, config)
             graph.producer_name, graph.producer_version = "starlift", _versions()["starlift"]
             bar.update()
             stage("save")

@@ -3,8 +3,8 @@
 ``portable``: standard ONNX ops only (TensorRT, OpenVINO, any runtime) after onnxscript's
 optimizer (constant folding, CSE, dead code).
 
-``ort``: the portable graph rewritten for ONNX Runtime by onnxscript's ORT fusions
-(SkipLayerNormalization, FastGelu, FusedMatMul, ...). The decoder contract (names, shapes,
+``ort``: the portable graph rewritten for ONNX Runtime: GroupQueryAttention with the sliding
+window (gqa.py), then onnxscript's ORT fusions (SkipLayerNormalization, FastGelu, ...). The decoder contract (names, shapes,
 concat-grow KV cache) is unchanged, so every runner that drives the portable graph drives it.
 """
 
@@ -33,9 +33,14 @@ def check_portable(model: ir.Model) -> None:
         raise ValueError(f"the portable graph contains non-portable ops: {', '.join(bad)}")
 
 
-def to_ort(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
-    """Apply onnxscript's ORT fusions; returns the model and the non-zero fusion counts."""
+def to_ort(model: ir.Model, config) -> tuple[ir.Model, dict[str, int]]:
+    """GroupQueryAttention (our rule, see gqa.py), then onnxscript's ORT fusions; returns the
+    model and the non-zero fusion counts."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    from .gqa import fuse_group_query_attention
+
+    gqa = fuse_group_query_attention(model, config)
     model, counts = optimize_for_ort(model)
+    counts["group_query_attention"] = gqa
     return model, {k: v for k, v in counts.items() if v}

@@ -66,6 +66,10 @@ class OnnxRuntimeRunner(Runner):
         outputs = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         meta = meta_from_io(inputs, outputs, kv_type, self.model_path)
+        import onnx
+
+        graph = onnx.load(str(self.model_path), load_external_data=False).graph  # the graph only: small
+        self._gqa = any(n.op_type == "GroupQueryAttention" for n in graph.node)
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(meta.num_layers) for kv in ("key", "value")]
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
         return meta
@@ -80,6 +84,11 @@ class OnnxRuntimeRunner(Runner):
         self._past = [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
 
     def _forward_impl(self, input_ids, attention_mask, position_ids):
+        if self._gqa and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and self.past_length > 0:
+            raise UsageError(
+                "ONNX Runtime's GroupQueryAttention (the ort flavour) cannot take several new tokens on a non-empty "
+                f"cache for batch > 1 (got batch {input_ids.shape[0]}, {input_ids.shape[1]} tokens after "
+                f"{self.past_length}); prefill each batch in one call, or use the portable flavour")
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)

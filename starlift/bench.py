@@ -102,7 +102,7 @@ def _artifact_row(path: Path, backend: str, threads: int | None) -> _Row:
     kv_elem = 2 if manifest.get("dtype") in ("fp16", "bf16") else 4
     kv = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", 1) * head_dim * kv_elem
     options = {"threads": threads} if threads else {}
-    return _Row(f"starlift {manifest.get('flavour')} {precision}", str(path), backend,
+    return _Row(f"{path.name} ({manifest.get('flavour')} {precision})", str(path), backend,
                 lambda: create_runner(backend, path, **options), weight_bytes, precision, kv)
 
 

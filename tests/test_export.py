@@ -234,3 +234,22 @@ def test_failed_validation_removes_artifact(tmp_path, varied_checkpoint, monkeyp
     with pytest.raises(ParityError, match="artifact was removed"):
         export_checkpoint(varied_checkpoint, tmp_path / "strict", progress=False)
     assert not (tmp_path / "strict").exists() and _no_litter(tmp_path)
+
+
+def test_ort_flavour_uses_group_query_attention_with_the_window(tmp_path, varied_checkpoint):
+    out = tmp_path / "ort"
+    manifest = export_checkpoint(varied_checkpoint, out, flavour="ort", progress=False)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and manifest["fusions"]["group_query_attention"] == 2
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["local_window_size"] == 16 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # the attention really was replaced
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner(out / "model.onnx") as runner:  # a case ORT's kernel cannot do: a clear error
+        runner.reset(2)
+        ids, mask = padded_ids([6, 6], 99)
+        runner.forward(ids[:, :3], mask[:, :3], np.broadcast_to(np.arange(3), (2, 3)))
+        with pytest.raises(UsageError, match="prefill each batch in one call"):
+            runner.forward(ids[:, 3:], mask, np.broadcast_to(np.arange(3, 6), (2, 3)))

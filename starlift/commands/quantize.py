@@ -11,8 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", required=True, choices=["fp16", "bf16", "int8", "int4"])
     p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256])
     p.add_argument("--algo", default="rtn", choices=["rtn", "hqq", "gptq"])
-    p.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits compute type on CPU (4 = int8 compute)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute type on CPU: 4 = int8 compute (default: 5-9x faster than 0 = unset "
+                        "on this CPU, same top-1 on starcoder2-nano)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
     p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic"],
                    help="int8: weight-only MatMulNBits (default) or dynamic int8 activations")

@@ -1,0 +1,95 @@
+"""Rewrite the traced attention into ONNX Runtime's GroupQueryAttention (com.microsoft).
+
+onnxscript's own GQA fusion matches the causal-mask subgraph transformers used to emit and
+refuses sliding windows, so it never fires on this model's graph; this rule matches the
+attention that ``starlift.model.Attention`` traces to and keeps its exact semantics: the
+sliding window goes to ``local_window_size`` (a query sees keys q - window < k <= q, the
+window including itself, as ORT's kernel counts it), left padding goes to ``attention_bias``
+(0 / float-min from ``attention_mask``), and RoPE stays where it was (``do_rotary=0``)::
+
+    q_rot ──────────────────────────────► MatMul ─ Mul(scale) ─ Where(masked) ─ Softmax ─ MatMul ─ Transpose ─ Reshape ─► out
+    k_rot ─ Concat(past_k) ─► present.k ─ Unsqueeze─Expand─Reshape (repeat kv heads) ─ Transpose ┘              │
+    v     ─ Concat(past_v) ─► present.v ─ Unsqueeze─Expand─Reshape ────────────────────────────────────────────┘
+                                         becomes
+    q_rot, k_rot, v ─ Transpose─Reshape (B,S,H*D) ─► GroupQueryAttention(past_k, past_v, seqlens_k, total, bias)
+                                                      ─► out, present.k, present.v
+
+The KV cache keeps the concat contract ([batch, kv_heads, past, head_dim] in, past + seq out),
+so every runner and onnxruntime-genai drive it unchanged. ORT's kernel does not take a chunked
+prefill (more than one new token on a non-empty cache) for batch > 1; the runner refuses that
+case with a clear error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from starlift.model import Starcoder2Config
+
+
+class _AttentionToGQA(pattern.RewriteRuleClassBase):
+    def __init__(self, config: Starcoder2Config, mask: ir.Value):
+        super().__init__("StarliftGQA", remove_nodes=True)
+        self.config, self.mask = config, mask
+
+    def pattern(self, op, q_rot, k_rot, v, past_k, past_v, scale, masked_out, min_val):
+        k_all = op.Concat(past_k, k_rot, axis=2, _outputs=["k_all"])
+        v_all = op.Concat(past_v, v, axis=2, _outputs=["v_all"])
+        k_rep = op.Reshape(op.Expand(op.Unsqueeze(k_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+        v_rep = op.Reshape(op.Expand(op.Unsqueeze(v_all, pattern.ANY_VALUE), pattern.ANY_VALUE), pattern.ANY_VALUE)
+        k_rep = pattern.OrValue([k_rep, k_all])  # no repeat when kv heads == heads
+        v_rep = pattern.OrValue([v_rep, v_all])
+        scores = op.MatMul(q_rot, op.Transpose(k_rep, perm=[0, 1, 3, 2]))
+        scores = pattern.OrValue([op.Cast(scores, to=ir.DataType.FLOAT), scores])  # fp16: scores in fp32
+        masked = op.Where(masked_out, min_val, op.Mul(scores, scale))
+        probs = op.Softmax(masked, axis=-1)
+        probs = pattern.OrValue([op.Cast(probs), probs])  # fp16: back to the model dtype
+        out = op.Reshape(op.Transpose(op.MatMul(probs, v_rep), perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+        return out, k_all, v_all
+
+    def check(self, context, scale, past_k, **_):
+        result = pattern.MatchResult()
+        if scale.const_value is None or past_k not in context.graph_or_function.inputs:
+            return result.fail("not the traced decoder attention")
+        return True
+
+    def rewrite(self, op, q_rot, k_rot, v, past_k, past_v, scale, **_):
+        c = self.config
+        flat = op.Constant(value=ir.tensor(np.array([0, 0, -1], np.int64)))
+
+        def bsd(x):  # (B, N, S, D) -> (B, S, N*D)
+            return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), flat)
+
+        mask = self.mask
+        total64 = op.Shape(mask, start=1, end=2)
+        total = op.Cast(op.Squeeze(total64), to=ir.DataType.INT32)
+        batch = op.Shape(mask, start=0, end=1)
+        one = op.Constant(value=ir.tensor(np.array(1, np.int32)))
+        seqlens = op.Expand(op.Sub(total, one), batch)
+        seq = op.Shape(q_rot, start=2, end=3)
+        dtype = ir.DataType.FLOAT16 if past_k.dtype == ir.DataType.FLOAT16 else ir.DataType.FLOAT
+        lowest = float(np.finfo(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32).min)
+        keep = op.Cast(mask, to=ir.DataType.BOOL)
+        zero = op.Constant(value=ir.tensor(np.array(0.0, dtype.numpy())))
+        low = op.Constant(value=ir.tensor(np.array(lowest, dtype.numpy())))
+        bias = op.Unsqueeze(op.Where(keep, zero, low), op.Constant(value=ir.tensor(np.array([1, 2], np.int64))))
+        ones = op.Constant(value=ir.tensor(np.array([1], np.int64)))
+        bias = op.Expand(bias, op.Concat(batch, ones, seq, total64, axis=0))
+        return op.GroupQueryAttention(
+            bsd(q_rot), bsd(k_rot), bsd(v), past_k, past_v, seqlens, total, None, None, None, bias,
+            num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads,
+            local_window_size=c.sliding_window or -1, scale=float(scale.const_value.numpy()),
+            _domain="com.microsoft", _outputs=3,
+        )
+
+
+def fuse_group_query_attention(model: ir.Model, config: Starcoder2Config) -> int:
+    """Replace every layer's attention; returns how many were fused."""
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    rule = _AttentionToGQA.rule(config, mask)
+    count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
+    if count:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return count
