@@ -135,7 +135,7 @@ class _TextCalibration:
 
 
 def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size: int = 32, algo: str = "rtn",
-                      accuracy_level: int | None = None, symmetric: bool = True, int8_method: str = "nbits",
+                      accuracy_level: int | None = 4, symmetric: bool = True, int8_method: str = "nbits",
                       head_bits: int = 8, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True) -> dict[str, Any]:
@@ -157,6 +157,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
         raise UsageError(f"unknown int8 method {int8_method!r}; choose one of {', '.join(INT8_METHODS)}")
     if head_bits not in (4, 8):
         raise UsageError(f"--head-bits must be 4 or 8, got {head_bits}")
+    accuracy_level = accuracy_level or None  # 0 means "unset" (onnxruntime's default compute type)
     manifest = verify(src, check_onnx=False)
     if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
         raise UsageError(f"{src} is a {manifest.get('precision')} artifact; quantize from an fp32 export")

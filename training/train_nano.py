@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import sysconfig
 import tempfile
@@ -64,7 +65,20 @@ SPECIAL_TOKENS = [
 ]
 EOT, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = 0, 1, 2, 3
 EXCLUDED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-HOLDOUT_MODULUS = 40  # a file is held out when sha256(relative path) % 40 == 0 (~2.5%)
+# Generated / data-table modules, dropped from BOTH the training and the held-out set (the model
+# otherwise learns codec boilerplate such as "0x0088: 0x0088,  #  LATIN CAPITAL LETTER"):
+#  1. every file under these top-level stdlib packages (character-map codecs, pydoc's topic dump);
+#  2. any other file in which more than DATA_LINE_MAX_FRACTION of the non-empty lines are "data
+#     lines": after replacing each one-line string literal by S, dropping a trailing # comment and
+#     replacing each decimal/hex number by N, the line holds nothing but S, N, whitespace and
+#     , : ( ) [ ] { } + - and has at least one literal and at least one , or : (e.g. a dict entry
+#     `0x0088: 0x0088,` / `'AElig': 0xc6,` or a row of a tuple/list of literals).
+DATA_TABLE_DIRS = ("encodings", "pydoc_data")
+DATA_LINE_MAX_FRACTION = 0.5
+_STRING_LITERAL = re.compile(r"""[bBuUrRfF]{0,2}(?:'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")""")
+_NUMBER_LITERAL = re.compile(r"\b(?:0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?)\b")
+_DATA_LINE_REST = re.compile(r"^[\sSN,:()\[\]{}+-]*$")
+HOLDOUT_MODULUS = 31  # a file is held out when sha256(relative path) % 31 == 0 (~3% of files, ~2% of bytes)
 
 
 def log(*a):
@@ -76,8 +90,26 @@ def sha256_bytes(b: bytes) -> str:
 
 
 # ---- data ---------------------------------------------------------------------------------------
+def is_data_line(line: str) -> bool:
+    """True for a line that is only literals and separators (see the comment at DATA_TABLE_DIRS)."""
+    s = _STRING_LITERAL.sub("S", line).split("#", 1)[0]
+    s = _NUMBER_LITERAL.sub("N", s)
+    return ("S" in s or "N" in s) and ("," in s or ":" in s) and bool(_DATA_LINE_REST.match(s))
+
+
+def data_table_reason(rel: str, text: str) -> str | None:
+    """Why a file counts as a generated / data-table module, or None for ordinary code."""
+    if rel.split("/", 1)[0] in DATA_TABLE_DIRS:
+        return f"under {rel.split('/', 1)[0]}/"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    frac = sum(map(is_data_line, lines)) / len(lines)
+    if frac > DATA_LINE_MAX_FRACTION:
+        return f"{frac:.0%} of non-empty lines are data lines"
+    return None
+
+
 def collect_files(stdlib: Path):
-    """Sorted stdlib .py files (tests excluded), split into train / held-out by path hash."""
+    """Sorted stdlib .py files (tests and data tables excluded), split into train / held-out by path hash."""
     rels = []
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
@@ -85,7 +117,7 @@ def collect_files(stdlib: Path):
             if f.endswith(".py"):
                 rels.append(Path(root, f).relative_to(stdlib).as_posix())
     rels.sort()
-    train, held, skipped = [], [], []
+    train, held, skipped, excluded = [], [], [], []
     for rel in rels:
         raw = (stdlib / rel).read_bytes()
         try:
@@ -96,10 +128,14 @@ def collect_files(stdlib: Path):
         if not text.strip():
             skipped.append({"path": rel, "sha256": sha256_bytes(raw), "reason": "empty"})
             continue
+        reason = data_table_reason(rel, text)
+        if reason is not None:
+            excluded.append({"path": rel, "sha256": sha256_bytes(raw), "bytes": len(raw), "reason": reason})
+            continue
         entry = {"path": rel, "sha256": sha256_bytes(raw), "bytes": len(raw), "text": text}
         is_held = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % HOLDOUT_MODULUS == 0
         (held if is_held else train).append(entry)
-    return train, held, skipped
+    return train, held, skipped, excluded
 
 
 def train_tokenizer(texts, vocab_size: int) -> HFTokenizer:
@@ -412,11 +448,27 @@ def model_card(rec) -> str:
         f"(`sysconfig.get_paths()['stdlib']`), excluding `site-packages` and every `test`, `tests` and "
         f"`idle_test` directory (tests are dropped), sorted by path. Files that are not UTF-8 or are empty are skipped "
         f"({len(d['skipped'])} skipped).",
+        f"- Generated / data-table modules are excluded from both the training and the held-out set "
+        f"({len(d['excluded_data_tables'])} files, {d['excluded_data_tables_bytes'] / 1e6:.2f} MB removed; listed "
+        "with the reason in `training_record.json` under `data.excluded_data_tables`): every file under "
+        f"{', '.join(f'`{x}/`' for x in h['data_table_dirs'])} "
+        f"({sum(e['reason'].startswith('under ') for e in d['excluded_data_tables'])} files: character-map codecs, "
+        "pydoc's topic dump), plus any file in which more than "
+        f"{h['data_line_max_fraction']:.0%} of the non-empty lines are *data lines* "
+        f"({sum(not e['reason'].startswith('under ') for e in d['excluded_data_tables'])} files: "
+        + ", ".join(f"`{e['path']}`" for e in d["excluded_data_tables"] if not e["reason"].startswith("under "))
+        + "). A data line is one that, after replacing each one-line string literal by `S`, dropping a trailing "
+        "`#` comment and replacing each decimal or hex number by `N`, contains only `S`, `N`, whitespace and "
+        "`, : ( ) [ ] { } + -`, with at least one literal and at least one `,` or `:` (dict entries such as "
+        "`0x0088: 0x0088,` or `'AElig': 0xc6,`, rows of literal tuples). Without this the data is dominated by "
+        "such tables and greedy completions drift into codec boilerplate. No size cap is applied (the largest "
+        "remaining file, `_pydecimal.py`, is ordinary code).",
         "- License of the data: Python Software Foundation License (PSF-2.0).",
         f"- Split: a file is held out when `int(sha256(relative_path), 16) % {HOLDOUT_MODULUS} == 0`: "
         f"{len(d['train'])} training files ({d['train_bytes'] / 1e6:.2f} MB), {len(d['held_out'])} held-out files "
-        f"({d['held_out_bytes'] / 1e6:.2f} MB, {ev['tokens']:,} tokens), never trained on. The tokenizer is also trained "
-        "on the training files only. `training_record.json` lists every file with its sha256.",
+        f"({d['held_out_bytes'] / 1e6:.2f} MB, {ev['tokens']:,} tokens), never trained on. The modulus keeps at least "
+        "20 held-out files after the data-table exclusion (about 3% of the files, 2% of the bytes). The tokenizer is "
+        "also trained on the training files only. `training_record.json` lists every file with its sha256.",
         f"- Documents are files, each followed by `<|endoftext|>` (id 0). {h['fim_rate']:.0%} of the documents of "
         "each epoch are rewritten in StarCoder2's fill-in-the-middle PSM format "
         "`<fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle<|endoftext|>` with two uniformly random character "
@@ -447,7 +499,10 @@ def model_card(rec) -> str:
         "",
         f"- Seed {rec['seed']}; AdamW (betas {h['betas']}, eps 1e-8, weight decay {h['weight_decay']} on matrices "
         f"only), peak LR {h['lr']:g}, linear warmup {h['warmup']} steps then cosine decay to {h['min_lr_ratio']:g}x "
-        f"over the planned {tr['planned_steps']} steps, gradient clipping {h['clip']}, batch {h['batch']} x "
+        f"over the planned {tr['planned_steps']} steps (planned = wall-clock budget / (benchmarked s/step x "
+        f"{h['plan_margin']:g}), so that the cosine schedule completes within the budget; the margin leaves room "
+        f"for the periodic held-out loss and was 1.2 in earlier runs, which left ~13% of the budget unused), "
+        f"gradient clipping {h['clip']}, batch {h['batch']} x "
         f"{h['seq_len']} tokens. Init: normal(0, 0.02), residual output projections scaled by 1/sqrt(2 x layers), "
         "zero biases, LayerNorm weight 1.",
         f"- Precision: {tr['precision']} (measured over {h['bench_steps']} steps from the same init: fp32 "
@@ -528,6 +583,8 @@ def main():
     ap.add_argument("--out", default="starlift/checkpoints/starcoder2-nano")
     ap.add_argument("--minutes", type=float, default=33.0, help="wall-clock budget of the training loop")
     ap.add_argument("--steps", type=int, default=None, help="planned steps (default: from the benchmark and --minutes)")
+    ap.add_argument("--plan-margin", type=float, default=1.1,
+                    help="planned steps = budget / (benchmarked s/step x this); >1 leaves room for validation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -565,8 +622,11 @@ def main():
 
     # -- data
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train, held, skipped = collect_files(stdlib)
-    log(f"stdlib {stdlib}: {len(train)} train files, {len(held)} held-out, {len(skipped)} skipped")
+    train, held, skipped, excluded = collect_files(stdlib)
+    log(f"stdlib {stdlib}: {len(train)} train files, {len(held)} held-out, {len(skipped)} skipped, "
+        f"{len(excluded)} data-table files excluded ({sum(f['bytes'] for f in excluded) / 1e6:.2f} MB)")
+    if len(held) < 20:
+        log(f"WARNING: only {len(held)} held-out files")
     train_texts = [f["text"] for f in train]
 
     # -- tokenizer
@@ -624,7 +684,7 @@ def main():
         precision, reason = args.precision, f"pinned with --precision {args.precision}"
     sec_per_step = (b16 if precision == "bf16" else f32)["sec_per_step"]
     budget = args.minutes * 60
-    planned = args.steps or int(budget / (sec_per_step * 1.2))
+    planned = args.steps or int(budget / (sec_per_step * args.plan_margin))
     log(f"precision {precision} ({reason}); planned steps {planned}")
 
     # -- train
@@ -743,7 +803,12 @@ def main():
                      "tokenizers": tokenizers.__version__, "numpy": np.__version__},
         "hyperparameters": {**{k: v for k, v in vars(args).items()}, "betas": [0.9, 0.95],
                             "holdout_rule": f"int(sha256(relpath),16) % {HOLDOUT_MODULUS} == 0",
-                            "excluded_dirs": sorted(EXCLUDED_DIRS)},
+                            "excluded_dirs": sorted(EXCLUDED_DIRS),
+                            "data_table_dirs": list(DATA_TABLE_DIRS),
+                            "data_line_max_fraction": DATA_LINE_MAX_FRACTION,
+                            "data_line_rule": "after one-line string literals -> S, trailing # comment dropped, "
+                                              "numbers (decimal/hex) -> N: only S N whitespace , : ( ) [ ] { } + -, "
+                                              "at least one literal and one , or :"},
         "config": config.to_hf(),
         "parameters": n_params,
         "weights_bytes": weights_bytes,
@@ -752,6 +817,8 @@ def main():
             "train": [{"path": f["path"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in train],
             "held_out": [{"path": f["path"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in held],
             "skipped": skipped,
+            "excluded_data_tables": excluded,
+            "excluded_data_tables_bytes": sum(f["bytes"] for f in excluded),
             "train_bytes": sum(f["bytes"] for f in train), "held_out_bytes": sum(f["bytes"] for f in held),
             "train_tokens": n_train_tok, "held_out_tokens": sum(map(len, held_ids)),
             "roundtrip_ok": roundtrip_ok, "special_ids_inside_text": n_special_in_text,
