@@ -135,7 +135,7 @@ class _TextCalibration:
 
 
 def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size: int = 32, algo: str = "rtn",
-                      accuracy_level: int | None = 4, symmetric: bool = True, int8_method: str = "nbits",
+                      accuracy_level: int | None = 4, symmetric: bool = False, int8_method: str = "nbits",
                       head_bits: int = 8, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def fp32_artifact(tmp_path_factory):
     ("int8", {"int8_method": "dynamic"}),
     ("int4", {}),
     ("int4", {"algo": "hqq", "block_size": 64}),
-    ("int4", {"symmetric": False, "accuracy_level": 4}),
+    ("int4", {"symmetric": True, "accuracy_level": 0}),
 ])
 def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwargs):
     out = tmp_path / mode

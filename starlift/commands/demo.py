@@ -64,8 +64,11 @@ def main(args: argparse.Namespace) -> int:
             gen = starlift.load(path, backend=backend)
             tps = _tokens_per_second(gen, PROMPTS[0], 64)
             if (backend, precision) in (("onnxruntime", "fp32"), ("openvino", "fp32")) and backend not in completions:
-                completions[backend] = ([(p, gen.generate(p, max_new_tokens=args.max_new_tokens, stop=["\n\n\n"]))
-                                         for p in PROMPTS], gen.fim(*FIM, max_new_tokens=16))
+                # A 6M-parameter model loops under plain greedy decoding; a mild repetition penalty
+                # (transformers' rule) keeps the completions readable.
+                completions[backend] = ([(p, gen.generate(p, max_new_tokens=args.max_new_tokens, stop=["\n\n\n"],
+                                                          repetition_penalty=1.2)) for p in PROMPTS],
+                                        gen.fim(*FIM, max_new_tokens=16, repetition_penalty=1.2))
             gen.close()
             b = report["backends"][backend]
             rows.append((backend, flavour, precision, tps, b["top1_agreement"], b["mean_kl"],
@@ -76,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         for backend, flavour, precision, tps, top1, kl, verdict in rows:
             print(f"{backend:<12} {flavour:<9} {precision:<9} {tps:>9.1f} {top1:>6.3f} {kl:>9.2e}  {verdict}")
         for backend, (texts, middle) in completions.items():
-            print(f"\n===== completions on {backend} =====")
+            print(f"\n===== completions on {backend} (greedy, repetition penalty 1.2) =====")
             for prompt, text in texts:
                 print(f"--- {prompt!r}\n{prompt}{text}")
             print(f"--- fill-in-the-middle\n{FIM[0]}[{middle}]{FIM[1]}")

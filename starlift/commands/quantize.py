@@ -14,7 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type on CPU: 4 = int8 compute (default: 5-9x faster than 0 = unset "
                         "on this CPU, same top-1 on starcoder2-nano)")
-    p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) weight quantization")
+    p.add_argument("--symmetric", action="store_true",
+                   help="symmetric weights (default: asymmetric with zero points; on starcoder2-nano int4 top-1 "
+                        "0.942 asymmetric vs 0.931 symmetric)")
     p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic"],
                    help="int8: weight-only MatMulNBits (default) or dynamic int8 activations")
     p.add_argument("--head-bits", type=int, default=8, choices=[4, 8], help="bits of the LM head (default 8)")
@@ -33,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
 
     text = _read_prompt_file(args.eval_text) if args.eval_text else None
     m = quantize_artifact(args.artifact, args.out, mode=args.mode, block_size=args.block_size, algo=args.algo,
-                          accuracy_level=args.accuracy_level, symmetric=not args.asymmetric,
+                          accuracy_level=args.accuracy_level, symmetric=args.symmetric,
                           int8_method=args.int8_method, head_bits=args.head_bits, calibration=args.calibration,
                           exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force,
                           allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
