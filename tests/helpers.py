@@ -89,3 +89,18 @@ def padded_ids(lengths: list[int], vocab: int, seed: int = 0) -> tuple[np.ndarra
         mask[row, total - n:] = 1
         ids[row, : total - n] = 0
     return ids, mask
+
+
+def genai_greedy(artifact, prompt: list[int], new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy sequence (prompt included) on an artifact folder, unchanged."""
+    import pytest
+
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test extra")
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)]

@@ -14,7 +14,7 @@ from starlift.artifact import verify
 from starlift.errors import ArtifactError, CheckpointError, ConfigError, UsageError
 from starlift.export import export_checkpoint
 from tests.conftest import load_hf, write_hf_checkpoint
-from tests.helpers import OpenVinoDecoder, OrtDecoder, hf_full_logits, padded_ids
+from tests.helpers import OpenVinoDecoder, OrtDecoder, genai_greedy, hf_full_logits, padded_ids
 
 TOL = 1e-4
 
@@ -117,18 +117,9 @@ def _greedy_reference(hf, prompt, steps, eos):
 
 
 def test_onnxruntime_genai_greedy_equals_transformers(artifact, hf):
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test extra")
     prompt = [5, 17, 42, 8, 61, 23]
     expected = _greedy_reference(hf, prompt, 40, eos=hf.config.eos_token_id)
-    model = og.Model(str(artifact))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 40, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    got = [int(t) for t in gen.get_sequence(0)]
-    assert got == expected
+    assert genai_greedy(artifact, prompt, 40) == expected
     assert len(set(expected[len(prompt):])) >= 3  # a greedy run that does not collapse to one token
 
 

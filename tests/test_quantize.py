@@ -83,21 +83,13 @@ def test_bad_requests(fp32_artifact, tmp_path):
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
 def test_quantized_artifacts_run_in_genai_and_openvino(fp32_artifact, tmp_path, mode):
-    import numpy as np
+    from tests.helpers import genai_greedy
 
     out = tmp_path / mode
     quantize_artifact(fp32_artifact, out, mode=mode, progress=False, allow_quality_loss=True)
     prompt = [5, 17, 42, 8]
     ours = starlift.load(out).generate(prompt, max_new_tokens=12, ignore_eos=True)
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test extra")
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    got = [int(t) for t in gen.get_sequence(0)][len(prompt):]
+    got = genai_greedy(out, prompt, 12)[len(prompt):]
     assert got == ours[: len(got)] and len(got) >= 1
     pytest.importorskip("openvino", reason="openvino is a test extra")
     assert len(starlift.load(out, backend="openvino").generate(prompt, max_new_tokens=4, ignore_eos=True)) == 4
