@@ -162,8 +162,56 @@ class TransformersRunner:
         return out.logits.numpy()
 
 
+class GenaiPeer:
+    """onnxruntime-genai's own generation loop on a starlift artifact (a peer, measured end to end:
+    it has no per-step forward call, so no latency-by-position curve)."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(self, artifact: Path):
+        self.artifact = artifact
+
+    def activate(self):
+        import onnxruntime_genai as og
+
+        from .runtimes.base import ModelMeta
+
+        self.og, self.model = og, og.Model(str(self.artifact))
+        config = json.loads((self.artifact / "genai_config.json").read_text())["model"]
+        d = config["decoder"]
+        self.meta = ModelMeta(d["num_hidden_layers"], d["num_key_value_heads"], d["head_size"], config["vocab_size"],
+                              np.dtype(np.float32), config["context_length"])
+        return self
+
+    def deactivate(self):
+        self.model = None
+
+    def decode(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+        og = self.og
+        ids = _prompt(self.meta.vocab_size, batch, prompt_len).astype(np.int32)
+        params = og.GeneratorParams(self.model)
+        total = prompt_len + new_tokens
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=batch)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            gen.generate_next_token()
+        return {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (time.perf_counter() - t1)}
+
+
+def _decode(row, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    if isinstance(row.runner, GenaiPeer):
+        return row.runner.decode(batch, prompt_len, new_tokens)
+    return run_decode(row.runner, batch, prompt_len, new_tokens)
+
+
 def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens: int = 128,
         batches: tuple[int, ...] = (1, 4, 8), reps: int = 3, peers_reference: str | None = None,
+        genai: bool = False,
         threads: int | None = None, positions: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -179,15 +227,20 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
             rows.append(_artifact_row(Path(p), b, threads))
     if peers_reference:
         rows.extend(_peer_rows(Path(peers_reference), threads))
+    if genai:
+        for p in paths:
+            base = _artifact_row(Path(p), "onnxruntime", threads)
+            rows.append(_Row(base.name, base.path, "onnxruntime-genai", lambda p=p: GenaiPeer(Path(p)),
+                             base.weight_bytes, base.precision, base.kv_bytes_per_token))
     bandwidth = memory_bandwidth()
     for row in rows:
         base = _rss()
         row.runner = row.make_runner().activate()
         row.rss = _rss() - base
-        run_decode(row.runner, 1, min(prompt_len, 16), 4)  # warm-up
+        _decode(row, 1, min(prompt_len, 16), 4)  # warm-up
     work = [(row, batch) for _ in range(reps) for batch in batches for row in rows]
     for row, batch in tqdm(work, desc="bench", disable=not progress, leave=False):
-        r = run_decode(row.runner, batch, prompt_len, new_tokens)
+        r = _decode(row, batch, prompt_len, new_tokens)
         row.add(f"tokens_per_s@{batch}", r["decode_tokens_per_s"])
         if batch == 1:
             row.add("ttft_s", r["ttft_s"])
@@ -195,7 +248,7 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
     for row in rows:
         context = row.runner.meta.context or 2048
         pos_list = positions or [p for p in (64, 256, 1024, 4096) if p < context]
-        lat = latency_by_position(row.runner, pos_list)
+        lat = {} if isinstance(row.runner, GenaiPeer) else latency_by_position(row.runner, pos_list)
         med = {k: float(np.median(v)) for k, v in row.samples.items()}
         tps1 = med["tokens_per_s@1"]
         step_bytes = row.weight_bytes + row.kv_bytes_per_token * (prompt_len + new_tokens // 2)

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default=None, help="comma-separated cache positions for the latency curve")
     p.add_argument("--peers", metavar="CHECKPOINT", default=None,
                    help="also run transformers' eager Starcoder2ForCausalLM on this checkpoint (extra starlift[bench])")
+    p.add_argument("--genai", action="store_true",
+                   help="also run onnxruntime-genai's own generation loop on each artifact (a peer)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib)")
     p.add_argument("--no-progress", action="store_true")
@@ -40,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     batches = tuple(sorted(set([1, *_ints(args.batch, "--batch")])))
     positions = _ints(args.positions, "--positions") if args.positions else None
     report = bench.run(args.paths, args.backend or ["onnxruntime"], prompt_len=args.prompt_len,
-                       new_tokens=args.new_tokens, batches=batches, reps=args.reps, peers_reference=args.peers,
+                       new_tokens=args.new_tokens, batches=batches, reps=args.reps, peers_reference=args.peers, genai=args.genai,
                        threads=args.threads, positions=positions, progress=not args.no_progress)
     print(bench.format_table(report))
     if args.json:
