@@ -1,8 +1,10 @@
 """ONNX Runtime runner: both flavours, CPU by default, CUDA / TensorRT EPs when present.
 
-The KV cache stays in ORT-owned OrtValues: each step binds the previous step's ``present``
-outputs as its ``past`` inputs through IO binding, so no step copies the cache through numpy.
-(The concat-grow graph itself still writes past + new into each present once per step.)
+Graphs with GroupQueryAttention (the ort flavour) get a preallocated KV buffer shared between
+past and present: both are bound through IO binding to the same memory, the kernel writes each
+new key and value in place, and no step copies the cache (capacity doubles when it runs out,
+so growth costs O(n) in total). Concat graphs (portable) keep the cache in ORT-owned OrtValues,
+each step's ``present`` bound as the next ``past``; the graph writes past + new once per step.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, model_path, providers: list[str] | None = None, threads: int | None = None,
-                 graph_optimization: str = "all", session_config: dict[str, str] | None = None):
+                 graph_optimization: str = "all", session_config: dict[str, str] | None = None,
+                 kv_buffer: str = "auto", initial_capacity: int = 256):
         super().__init__()
         self.model_path = Path(model_path)
         self.requested_providers = providers
@@ -35,6 +38,10 @@ class OnnxRuntimeRunner(Runner):
             raise UsageError(f"graph_optimization must be one of {', '.join(OPT_LEVELS)}, got {graph_optimization!r}")
         self.graph_optimization = graph_optimization
         self.session_config = session_config or {}
+        if kv_buffer not in ("auto", "shared", "concat"):
+            raise UsageError(f"kv_buffer must be auto, shared or concat, got {kv_buffer!r}")
+        self.kv_buffer, self.initial_capacity = kv_buffer, max(1, initial_capacity)
+        self.shared_kv = False
         self.session = None
 
     def _providers(self, ort) -> list[str]:
@@ -70,6 +77,10 @@ class OnnxRuntimeRunner(Runner):
 
         graph = onnx.load(str(self.model_path), load_external_data=False).graph  # the graph only: small
         self._gqa = any(n.op_type == "GroupQueryAttention" for n in graph.node)
+        if self.kv_buffer == "shared" and not self._gqa:
+            raise UsageError(f"{self.model_path} concatenates its KV cache in the graph (portable flavour); an in-place "
+                             "shared buffer needs the ort flavour's GroupQueryAttention: export with --flavour ort")
+        self.shared_kv = self._gqa and self.kv_buffer != "concat"
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(meta.num_layers) for kv in ("key", "value")]
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
         return meta
@@ -80,8 +91,29 @@ class OnnxRuntimeRunner(Runner):
 
     def _reset_impl(self, batch: int) -> None:
         m = self.meta
-        empty = np.zeros((batch, m.kv_heads, 0, m.head_dim), dtype=m.kv_dtype)
-        self._past = [self._ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
+        if self.shared_kv:
+            # GroupQueryAttention writes the new keys into the past buffer in place when the
+            # present output is bound to the same memory; capacity doubles when it runs out.
+            self._buffers = [np.zeros((batch, m.kv_heads, self.initial_capacity, m.head_dim), m.kv_dtype)
+                             for _ in self._past_names]
+        else:
+            self._buffers = [np.zeros((batch, m.kv_heads, 0, m.head_dim), m.kv_dtype) for _ in self._past_names]
+        self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._buffers[0].shape[2]
+        while capacity < needed:
+            capacity *= 2
+        if self.meta.context:
+            capacity = min(capacity, self.meta.context)
+        used = self.past_length
+        grown = []
+        for old in self._buffers:
+            new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], old.dtype)
+            new[:, :, :used] = old[:, :, :used]
+            grown.append(new)
+        self._buffers = grown
+        self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
 
     def _forward_impl(self, input_ids, attention_mask, position_ids):
         if self._gqa and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and self.past_length > 0:
@@ -89,6 +121,8 @@ class OnnxRuntimeRunner(Runner):
                 "ONNX Runtime's GroupQueryAttention (the ort flavour) cannot take several new tokens on a non-empty "
                 f"cache for batch > 1 (got batch {input_ids.shape[0]}, {input_ids.shape[1]} tokens after "
                 f"{self.past_length}); prefill each batch in one call, or use the portable flavour")
+        if self.shared_kv and self.past_length + input_ids.shape[1] > self._buffers[0].shape[2]:
+            self._grow(self.past_length + input_ids.shape[1])
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
@@ -96,12 +130,16 @@ class OnnxRuntimeRunner(Runner):
         for name, value in zip(self._past_names, self._past, strict=True):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits")
-        for name in self._present_names:
-            io.bind_output(name)
+        for name, value in zip(self._present_names, self._past, strict=True):
+            if self.shared_kv:
+                io.bind_ortvalue_output(name, value)  # the same memory as the past: updated in place
+            else:
+                io.bind_output(name)
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        self._past = list(outputs[1:])
+        if not self.shared_kv:
+            self._past = list(outputs[1:])
         return outputs[0].numpy().astype(np.float32, copy=False)
 
     def _deactivate_impl(self) -> None:
-        self.session, self._past = None, None
+        self.session, self._past, self._buffers = None, None, None

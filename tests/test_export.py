@@ -244,3 +244,35 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(tmp_path, varied
         runner.forward(ids[:, :3], mask[:, :3], np.broadcast_to(np.arange(3), (2, 3)))
         with pytest.raises(UsageError, match="prefill each batch in one call"):
             runner.forward(ids[:, 3:], mask, np.broadcast_to(np.arange(3, 6), (2, 3)))
+
+
+def test_ort_flavour_kv_buffer_is_shared_and_updated_in_place(tmp_path, varied_checkpoint):
+    """The ORT runner binds past and present to one preallocated buffer for GQA graphs: the
+    kernel writes each step in place (same memory every step) and the logits equal the concat
+    path's, across the window and through buffer growth."""
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    out = tmp_path / "ort"
+    export_checkpoint(varied_checkpoint, out, flavour="ort", progress=False)
+    ids, mask = padded_ids([70, 50], 99, seed=12)
+    results = {}
+    for mode in ("shared", "concat"):
+        with OnnxRuntimeRunner(out / "model.onnx", kv_buffer=mode, initial_capacity=8) as runner:
+            assert runner.shared_kv == (mode == "shared")
+            runner.reset(2)
+            pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+            steps = [runner.forward(ids[:, :20], mask[:, :20], pos[:, :20])]
+            pointers = set()
+            for t in range(20, 70):
+                steps.append(runner.forward(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]))
+                if mode == "shared" and t >= 64:  # after the last growth (8 -> 128)
+                    pointers.add(runner._past[0].data_ptr())
+            results[mode] = np.concatenate(steps, axis=1)
+            if mode == "shared":
+                assert len(pointers) == 1 and runner._buffers[0].shape[2] == 128
+    real = mask.astype(bool)
+    assert np.abs(results["shared"] - results["concat"])[real].max() <= 1e-5
+    portable = tmp_path / "portable"
+    export_checkpoint(varied_checkpoint, portable, progress=False)
+    with pytest.raises(UsageError, match="export with --flavour ort"):
+        OnnxRuntimeRunner(portable / "model.onnx", kv_buffer="shared").activate()
