@@ -151,7 +151,10 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
         "precision": dtype,
         "opset": opset,
         "kv_cache": {"layout": "concat", "shape": "[batch, kv_heads, past, head_dim]",
-                     "description": "present = concat(past, new); feed present back as past"},
+                     "description": "present = concat(past, new); feed present back as past",
+                     # GroupQueryAttention also runs on a preallocated [batch, kv_heads, capacity,
+                     # head_dim] buffer bound as both past and present: it writes new keys in place.
+                     "shared_buffer": bool(fusions.get("group_query_attention"))},
         "fusions": fusions,
         "size": {"onnx_bytes": onnx_bytes, "weight_bytes": config.num_parameters() * bytes_per,
                  "ratio": onnx_bytes / (config.num_parameters() * bytes_per)},

@@ -233,6 +233,7 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(tmp_path, varied
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and manifest["fusions"]["group_query_attention"] == 2
+    assert manifest["kv_cache"]["shared_buffer"] is True
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["local_window_size"] == 16 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # the attention really was replaced
