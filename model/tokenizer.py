@@ -44,8 +44,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def find_token(self, token: str) -> int | None:
+        """The id of ``token``, or None when the vocabulary has no such token."""
+        return self._tok.token_to_id(token)
+
     def token_id(self, token: str) -> int:
-        idx = self._tok.token_to_id(token)
+        idx = self.find_token(token)
         if idx is None:
             raise UsageError(f"the tokenizer has no token {token!r}; it is not a StarCoder2 tokenizer")
         return idx

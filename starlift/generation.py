@@ -287,7 +287,7 @@ class Generator:
         if kwargs:
             raise UsageError(f"unknown argument(s) to fim(): {', '.join(kwargs)}")
         # <file_sep> (and <|endoftext|>, the EOS) end a middle, as StarCoder2 was trained.
-        file_sep = tok._tok.token_to_id("<file_sep>")
+        file_sep = tok.find_token("<file_sep>")
         eos = self.eos_token_id
         with self._lock:
             row = _RowText(tok, stops)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+from starlift.export.validate import positions
 
 
 def hf_full_logits(hf_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
