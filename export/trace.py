@@ -22,17 +22,10 @@ import onnx_ir.passes.common
 import torch
 from torch import nn
 
+from starlift.artifact import past_names, present_names
 from starlift.model import Starcoder2
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
-
-
-def past_names(layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-
-
-def present_names(layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
 class _FlatDecoder(nn.Module):

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from starlift.artifact import MODEL_FILE, verify, write_manifest
+from starlift.artifact import MODEL_FILE, past_names, verify, write_manifest
 from starlift.errors import ParityError, UsageError
 from starlift.fsutil import atomic_output_dir, check_output_dir
 
@@ -115,9 +115,7 @@ class _TextCalibration:
             chunk = np.asarray([ids[start:start + window]], np.int64)
             feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
                     "position_ids": np.arange(chunk.shape[1])[None]}
-            for i in range(layers):
-                for kv in ("key", "value"):
-                    feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            feed.update({name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in past_names(layers)})
             self.items.append(feed)
         self._iter = iter(self.items)
 

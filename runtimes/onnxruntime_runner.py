@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starlift.artifact import past_names, present_names
 from starlift.errors import UsageError
 
 from .base import ModelMeta, Runner
@@ -81,8 +82,7 @@ class OnnxRuntimeRunner(Runner):
             raise UsageError(f"{self.model_path} concatenates its KV cache in the graph (portable flavour); an in-place "
                              "shared buffer needs the ort flavour's GroupQueryAttention: export with --flavour ort")
         self.shared_kv = self._gqa and self.kv_buffer != "concat"
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(meta.num_layers) for kv in ("key", "value")]
-        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self._past_names, self._present_names = past_names(meta.num_layers), present_names(meta.num_layers)
         return meta
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starlift.artifact import past_names, present_names
 from starlift.errors import StarliftError, UsageError
 
 from .base import ModelMeta, Runner
@@ -58,8 +59,7 @@ class OpenVinoRunner(Runner):
         np_dtype = {"f32": np.float32, "f16": np.float16}.get(kv_type)
         if np_dtype is None and kv_type != "bf16":
             raise StarliftError(f"{self.model_path}: KV cache type {kv_type} is not supported")
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self._past_names, self._present_names = past_names(layers), present_names(layers)
         return ModelMeta(layers, kv_heads, head_dim, outputs["logits"][-1], np.dtype(np_dtype or np.float32),
                          artifact_context(self.model_path))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starlift.artifact import past_names, present_names
 from starlift.errors import StarliftError, UsageError
 from starlift.fsutil import sha256_file
 
@@ -253,8 +254,7 @@ class TensorRTRunner(Runner):
 
     def _read_metadata_impl(self) -> ModelMeta:
         m = self._meta
-        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(m.num_layers) for kv in ("key", "value")]
-        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        self._past_names, self._present_names = past_names(m.num_layers), present_names(m.num_layers)
         return dataclasses.replace(m, context=self.max_context)  # Runner.forward enforces the engine's context
 
     def _malloc(self, nbytes: int) -> int:

@@ -19,6 +19,16 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 
 
+def past_names(layers: int) -> list[str]:
+    """The decoder contract's KV inputs, layer by layer: key then value."""
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """The decoder contract's KV outputs, in the order of ``past_names``."""
+    return [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
 def _safe_member(folder: Path, name: str) -> Path:
     """A file named by the manifest, refused if it would leave the artifact folder."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
