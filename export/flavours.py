@@ -4,7 +4,8 @@
 optimizer (constant folding, CSE, dead code).
 
 ``ort``: the portable graph rewritten for ONNX Runtime: GroupQueryAttention with the sliding
-window (gqa.py), then onnxscript's ORT fusions (SkipLayerNormalization, FastGelu, ...). The decoder contract (names, shapes,
+window (gqa.py), onnxscript's ORT fusions (SkipLayerNormalization, FastGelu, ...), then
+RotaryEmbedding (rotary.py). The decoder contract (names, shapes,
 concat-grow KV cache) is unchanged, so every runner that drives the portable graph drives it.
 """
 
@@ -34,13 +35,18 @@ def check_portable(model: ir.Model) -> None:
 
 
 def to_ort(model: ir.Model, config) -> tuple[ir.Model, dict[str, int]]:
-    """GroupQueryAttention (our rule, see gqa.py), then onnxscript's ORT fusions; returns the
-    model and the non-zero fusion counts."""
+    """GroupQueryAttention (our rule, see gqa.py), onnxscript's ORT fusions, then RotaryEmbedding
+    (our rule, see rotary.py; after the optimizer so that its constant folding does not write
+    the angle caches into the file); returns the model and the non-zero fusion counts."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     from .gqa import fuse_group_query_attention
+    from .rotary import fuse_rotary_embedding
 
     gqa = fuse_group_query_attention(model, config)
     model, counts = optimize_for_ort(model)
     counts["group_query_attention"] = gqa
+    # onnxscript counts its own RoPE matches, which do not survive to the saved graph here:
+    # report what the graph holds
+    counts["rotary_embedding"] = fuse_rotary_embedding(model, config)
     return model, {k: v for k, v in counts.items() if v}

@@ -30,9 +30,9 @@ from starlift.model import Starcoder2Config
 
 
 class _AttentionToGQA(pattern.RewriteRuleClassBase):
-    def __init__(self, config: Starcoder2Config, mask: ir.Value):
+    def __init__(self, config: Starcoder2Config, mask: ir.Value, position_ids: ir.Value):
         super().__init__("StarliftGQA", remove_nodes=True)
-        self.config, self.mask = config, mask
+        self.config, self.mask, self.position_ids = config, mask, position_ids
 
     def pattern(self, op, q_rot, k_rot, v, past_k, past_v, scale, masked_out, min_val):
         k_all = op.Concat(past_k, k_rot, axis=2, _outputs=["k_all"])
@@ -68,7 +68,9 @@ class _AttentionToGQA(pattern.RewriteRuleClassBase):
         batch = op.Shape(mask, start=0, end=1)
         one = op.Constant(value=ir.tensor(np.array(1, np.int32)))
         seqlens = op.Expand(op.Sub(total, one), batch)
-        seq = op.Shape(q_rot, start=2, end=3)
+        # new tokens, read off position_ids (B, T) so q_rot keeps a single consumer and the RoPE
+        # rule (rotary.py) can replace it
+        seq = op.Shape(self.position_ids, start=1, end=2)
         dtype = ir.DataType.FLOAT16 if past_k.dtype == ir.DataType.FLOAT16 else ir.DataType.FLOAT
         lowest = float(np.finfo(np.float16 if dtype == ir.DataType.FLOAT16 else np.float32).min)
         keep = op.Cast(mask, to=ir.DataType.BOOL)
@@ -88,7 +90,8 @@ class _AttentionToGQA(pattern.RewriteRuleClassBase):
 def fuse_group_query_attention(model: ir.Model, config: Starcoder2Config) -> int:
     """Replace every layer's attention; returns how many were fused."""
     mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
-    rule = _AttentionToGQA.rule(config, mask)
+    position_ids = next(v for v in model.graph.inputs if v.name == "position_ids")
+    rule = _AttentionToGQA.rule(config, mask, position_ids)
     count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
     if count:
         model.opset_imports.setdefault("com.microsoft", 1)

@@ -123,10 +123,10 @@ def test_onnxruntime_genai_greedy_equals_transformers(artifact, hf):
     assert len(set(expected[len(prompt):])) >= 3  # a greedy run that does not collapse to one token
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_half_precision_exports(tmp_path, varied_checkpoint, dtype):
+@pytest.mark.parametrize("dtype,flavour", [("fp16", "portable"), ("fp16", "ort"), ("bf16", "portable")])
+def test_half_precision_exports(tmp_path, varied_checkpoint, dtype, flavour):
     out = tmp_path / dtype
-    manifest = export_checkpoint(varied_checkpoint, out, dtype=dtype, progress=False)
+    manifest = export_checkpoint(varied_checkpoint, out, dtype=dtype, flavour=flavour, progress=False)
     assert manifest["dtype"] == dtype
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
@@ -136,6 +136,8 @@ def test_half_precision_exports(tmp_path, varied_checkpoint, dtype):
     v = manifest["validation"]
     if dtype == "fp16":
         assert v["finite"] and v["passed"]
+        if flavour == "ort":  # fused RoPE on fp16 activations, angle caches cast from fp32
+            assert manifest["fusions"]["rotary_embedding"] == 4
         ids, mask = padded_ids([50], 99, seed=9)
         logits = OrtDecoder(out / "model.onnx", np.float16).run_chunks(ids, mask, [20] + [1] * 30)
         assert np.isfinite(logits).all()
@@ -237,6 +239,11 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(tmp_path, varied
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["local_window_size"] == 16 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # the attention really was replaced
+    # RoPE: one RotaryEmbedding per q and per k, fed by the projections; no rotate-half left
+    rope = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rope) == 4 and manifest["fusions"]["rotary_embedding"] == 4
+    assert {n.input[1] for n in rope} == {"position_ids"}
+    assert not [n for n in model.graph.node if n.op_type in ("Neg", "Transpose")]
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(out / "model.onnx") as runner:  # a case ORT's kernel cannot do: a clear error
