@@ -5,7 +5,9 @@ PIP = $(VENV)/bin/pip
 # torch pinned here so pip takes the CPU build on this machine's disk (pyproject keeps a range).
 TORCH = torch==2.13.0
 
-.PHONY: demo test
+OPTIMUM_VENV ?= .venv-optimum
+
+.PHONY: demo test optimum-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,19 @@ demo: $(VENV)/bin/python
 	$(PIP) install -q $(TORCH) -e ".[openvino,genai]"
 	$(VENV)/bin/starlift demo
 
-test: $(VENV)/bin/python
+test: $(VENV)/bin/python optimum-venv
 	$(PIP) install -q $(TORCH) -e ".[test]"
-	$(VENV)/bin/python -m pytest -q
+	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+
+# optimum-onnx (the `starlift bench --optimum` peer) needs transformers<4.58, so it lives in its own
+# venv, run as a subprocess by starlift/peers_optimum_worker.py. The inner .gitignore keeps git
+# out of it; the stamp is written last so an interrupted install is redone. onnx-ir: for
+# onnxruntime.quantization.matmul_nbits_quantizer (the int4 row).
+optimum-venv: $(OPTIMUM_VENV)/.installed
+
+$(OPTIMUM_VENV)/.installed:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	echo '*' > $(OPTIMUM_VENV)/.gitignore
+	$(OPTIMUM_VENV)/bin/pip install -q --upgrade pip
+	$(OPTIMUM_VENV)/bin/pip install -q $(TORCH) optimum-onnx onnxruntime==1.32.0 onnx-ir numpy
+	touch $@

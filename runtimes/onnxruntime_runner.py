@@ -9,6 +9,9 @@ each step's ``present`` bound as the next ``past``; the graph writes past + new 
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, model_path, providers: list[str] | None = None, threads: int | None = None,
                  graph_optimization: str = "all", session_config: dict[str, str] | None = None,
-                 kv_buffer: str = "auto", initial_capacity: int = 256):
+                 kv_buffer: str = "auto", initial_capacity: int = 256, profile: bool = False):
         super().__init__()
         self.model_path = Path(model_path)
         self.requested_providers = providers
@@ -44,6 +47,10 @@ class OnnxRuntimeRunner(Runner):
         self.kv_buffer, self.initial_capacity = kv_buffer, max(1, initial_capacity)
         self.shared_kv = False
         self.session = None
+        # profile=True turns on ORT's kernel profiler (a JSON trace, see end_profiling);
+        # run_seconds always sums the time spent inside ORT's run call, so a caller can tell
+        # the runtime's share of a step from its own Python's.
+        self.profile, self.run_seconds = profile, 0.0
 
     def _providers(self, ort) -> list[str]:
         available = ort.get_available_providers()
@@ -66,6 +73,9 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = self.threads
         for key, value in self.session_config.items():
             opts.add_session_config_entry(key, value)
+        if self.profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "starlift-ort-profile")
         self.session = ort.InferenceSession(str(self.model_path), opts, providers=self._providers(ort))
         self._ort = ort
 
@@ -99,6 +109,18 @@ class OnnxRuntimeRunner(Runner):
         else:
             self._buffers = [np.zeros((batch, m.kv_heads, 0, m.head_dim), m.kv_dtype) for _ in self._past_names]
         self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
+        self._bind_shared()
+
+    def _bind_shared(self) -> None:
+        """One IO binding per cache buffer: past and present bound to the same memory, once, so a
+        decode step binds only its three small inputs (fewer Python calls per token)."""
+        self._io = None
+        if self.shared_kv:
+            self._io = self.session.io_binding()
+            self._io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot
+            for past, present, value in zip(self._past_names, self._present_names, self._past, strict=True):
+                self._io.bind_ortvalue_input(past, value)
+                self._io.bind_ortvalue_output(present, value)  # the same memory: updated in place
 
     def _grow(self, needed: int) -> None:
         capacity = self._buffers[0].shape[2]
@@ -114,6 +136,7 @@ class OnnxRuntimeRunner(Runner):
             grown.append(new)
         self._buffers = grown
         self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
+        self._bind_shared()
 
     def _forward_impl(self, input_ids, attention_mask, position_ids):
         if self._gqa and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and self.past_length > 0:
@@ -123,23 +146,32 @@ class OnnxRuntimeRunner(Runner):
                 f"{self.past_length}); prefill each batch in one call, or use the portable flavour")
         if self.shared_kv and self.past_length + input_ids.shape[1] > self._buffers[0].shape[2]:
             self._grow(self.past_length + input_ids.shape[1])
-        io = self.session.io_binding()
+        if self.shared_kv:
+            io = self._io  # the cache stays bound between steps: only the new inputs are bound
+        else:
+            io = self.session.io_binding()
+            io.bind_output("logits")  # outputs come back in binding order: logits first
+            for name, value in zip(self._past_names, self._past, strict=True):
+                io.bind_ortvalue_input(name, value)
+            for name in self._present_names:
+                io.bind_output(name)
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
         io.bind_cpu_input("position_ids", position_ids)
-        for name, value in zip(self._past_names, self._past, strict=True):
-            io.bind_ortvalue_input(name, value)
         io.bind_output("logits")
-        for name, value in zip(self._present_names, self._past, strict=True):
-            if self.shared_kv:
-                io.bind_ortvalue_output(name, value)  # the same memory as the past: updated in place
-            else:
-                io.bind_output(name)
+        start = time.perf_counter()
         self.session.run_with_iobinding(io)
+        self.run_seconds += time.perf_counter() - start
         outputs = io.get_outputs()
         if not self.shared_kv:
             self._past = list(outputs[1:])
         return outputs[0].numpy().astype(np.float32, copy=False)
 
+    def end_profiling(self) -> str:
+        """Stop ORT's profiler; returns the path of its JSON trace (only with profile=True)."""
+        if not self.profile or self.session is None:
+            raise UsageError("profiling was not enabled: create the runner with profile=True")
+        return self.session.end_profiling()
+
     def _deactivate_impl(self) -> None:
-        self.session, self._past, self._buffers = None, None, None
+        self.session, self._past, self._buffers, self._io = None, None, None, None

@@ -8,14 +8,26 @@ interleaved round-robin so that machine noise hits every row alike.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import StarliftError, UsageError
+
+# Rows that are not starlift: what a user would pick instead (the "vs best peer" column compares with these).
+PEER_BACKENDS = ("transformers", "optimum-onnx", "onnxruntime-genai")
+OPTIMUM_PRECISIONS = ("fp32", "int8", "int4")
+DEFAULT_OPTIMUM_CACHE = Path("~/.cache/starlift/optimum-onnx")
+
+
+class PeerError(StarliftError, RuntimeError):
+    """A peer (another library measured beside starlift) failed to load or run."""
 
 
 def memory_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
@@ -203,22 +215,138 @@ class GenaiPeer:
         return {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (time.perf_counter() - t1)}
 
 
+class OptimumPeer:
+    """optimum-onnx's export of the checkpoint, run by ``ORTModelForCausalLM`` in a subprocess of an
+    interpreter that has optimum-onnx (it needs transformers<4.58; starlift uses 5.x):
+    ``peers_optimum_worker.py`` exports (cached in ``cache_dir``), quantizes and answers requests.
+    Measured end to end like GenaiPeer, so no latency-by-position curve."""
+
+    name = "optimum-onnx"
+    WORKER = Path(__file__).with_name("peers_optimum_worker.py")
+
+    def __init__(self, python: str | Path, checkpoint: Path, precision: str, cache_dir: str | Path | None = None,
+                 threads: int | None = None):
+        self.python, self.checkpoint, self.precision = str(python), Path(checkpoint), precision
+        self.cache_dir = Path(cache_dir or DEFAULT_OPTIMUM_CACHE).expanduser()
+        self.threads = threads
+        self.proc = self.log = None
+
+    def activate(self):
+        from .model import Starcoder2Config
+        from .runtimes.base import ModelMeta
+
+        c = Starcoder2Config.from_hf(self.checkpoint)
+        self.meta = ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size,
+                              np.dtype(np.float32), c.max_position_embeddings)
+        cmd = [self.python, str(self.WORKER), str(self.checkpoint), "--precision", self.precision,
+               "--workdir", str(self.cache_dir)] + (["--threads", str(self.threads)] if self.threads else [])
+        # stderr to a file: the export logs a lot, and a pipe nobody reads would block the worker
+        self.log = tempfile.TemporaryFile(mode="w+")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                         text=True, bufsize=1, env=env)
+        except OSError as e:
+            raise UsageError(f"--optimum {self.python}: cannot run it ({e}); pass the python of a venv with "
+                             "optimum-onnx (`make optimum-venv` makes .venv-optimum/bin/python)") from None
+        ready = self._receive()
+        if not ready.get("ready"):
+            self._fail(f"unexpected first reply {ready}")
+        self.weight_bytes, self.rss_bytes = int(ready["weight_bytes"]), int(ready["rss_bytes"])
+        self.folder = ready.get("folder")
+        return self
+
+    def _receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self._fail("the worker exited")
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            self._fail(f"the worker wrote {line[:200]!r} instead of a JSON reply")
+
+    def request(self, req: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._fail("the worker exited")
+        return self._receive()
+
+    def _fail(self, what: str):
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.seek(0)
+        lines = [x for x in self.log.read().splitlines() if x.strip()]
+        errors = [x for x in lines if x.startswith("error: ")]
+        detail = errors[-1][len("error: "):] if errors else " | ".join(lines[-5:]) or "no message"
+        self.proc = None
+        if code == 3:  # the interpreter has no optimum-onnx
+            raise UsageError(f"--optimum: {detail}")
+        raise PeerError(f"optimum-onnx peer ({self.precision}, {self.python}): {what} (exit {code}): {detail}")
+
+    def decode(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+        return self.request({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seed": 0})
+
+    def greedy(self, ids, new_tokens: int) -> dict:
+        """Greedy tokens and each step's logits for ``ids`` (a batch of equal-length prompts)."""
+        return self.request({"cmd": "greedy", "ids": np.asarray(ids).tolist(), "new_tokens": new_tokens})
+
+    def deactivate(self):
+        if self.proc is not None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.log is not None:
+            self.log.close()
+
+
+def _optimum_rows(python: str, reference: Path, precisions, cache_dir, threads: int | None) -> list[_Row]:
+    from .model import Starcoder2Config
+
+    config = Starcoder2Config.from_hf(reference)
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    # weight_bytes is replaced by the exported files' size once the worker has exported them
+    return [_Row(f"optimum-onnx {p}", str(reference), "optimum-onnx",
+                 lambda p=p: OptimumPeer(python, reference, p, cache_dir, threads), config.num_parameters() * 4, p, kv)
+            for p in precisions]
+
+
+def _has_own_loop(runner) -> bool:
+    return isinstance(runner, (GenaiPeer, OptimumPeer))
+
+
 def _decode(row, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-    if isinstance(row.runner, GenaiPeer):
+    if _has_own_loop(row.runner):
         return row.runner.decode(batch, prompt_len, new_tokens)
     return run_decode(row.runner, batch, prompt_len, new_tokens)
 
 
 def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens: int = 128,
         batches: tuple[int, ...] = (1, 4, 8), reps: int = 3, peers_reference: str | None = None,
-        genai: bool = False,
+        genai: bool = False, optimum_python: str | None = None, optimum_precisions=OPTIMUM_PRECISIONS,
+        optimum_cache: str | None = None,
         threads: int | None = None, positions: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     from .api import is_artifact
 
     if prompt_len < 1 or new_tokens < 2 or reps < 1:
         raise UsageError("--prompt-len must be >= 1, --new-tokens >= 2 and --reps >= 1")
+    if optimum_python:
+        if not peers_reference:
+            raise UsageError("--optimum needs --peers CHECKPOINT: optimum-onnx exports that Hugging Face checkpoint")
+        if not Path(optimum_python).is_file() or not os.access(optimum_python, os.X_OK):
+            raise UsageError(f"--optimum {optimum_python}: no such interpreter; `make optimum-venv` makes "
+                             ".venv-optimum/bin/python")
+        bad = [p for p in optimum_precisions if p not in OPTIMUM_PRECISIONS]
+        if bad or not optimum_precisions:
+            raise UsageError(f"--optimum-precision takes {', '.join(OPTIMUM_PRECISIONS)}, got {bad or 'nothing'}")
     rows: list[_Row] = []
     for p in paths:
         if not is_artifact(p):
@@ -227,17 +355,32 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
             rows.append(_artifact_row(Path(p), b, threads))
     if peers_reference:
         rows.extend(_peer_rows(Path(peers_reference), threads))
+    if optimum_python:
+        rows.extend(_optimum_rows(optimum_python, Path(peers_reference), optimum_precisions, optimum_cache, threads))
     if genai:
         for p in paths:
             base = _artifact_row(Path(p), "onnxruntime", threads)
             rows.append(_Row(base.name, base.path, "onnxruntime-genai", lambda p=p: GenaiPeer(Path(p)),
                              base.weight_bytes, base.precision, base.kv_bytes_per_token))
     bandwidth = memory_bandwidth()
-    for row in rows:
-        base = _rss()
-        row.runner = row.make_runner().activate()
-        row.rss = _rss() - base
-        _decode(row, 1, min(prompt_len, 16), 4)  # warm-up
+    try:
+        for row in rows:
+            base = _rss()
+            row.runner = row.make_runner().activate()
+            row.rss = _rss() - base
+            if isinstance(row.runner, OptimumPeer):  # another process: its own RSS growth, its export's size
+                row.rss, row.weight_bytes = row.runner.rss_bytes, row.runner.weight_bytes
+            _decode(row, 1, min(prompt_len, 16), 4)  # warm-up
+        return _measure(rows, bandwidth, prompt_len, new_tokens, batches, reps, threads, positions, progress)
+    finally:
+        for row in rows:  # subprocess peers must not outlive a failed run
+            if isinstance(row.runner, OptimumPeer):
+                row.runner.deactivate()
+
+
+def _measure(rows, bandwidth, prompt_len, new_tokens, batches, reps, threads, positions, progress) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     work = [(row, batch) for _ in range(reps) for batch in batches for row in rows]
     for row, batch in tqdm(work, desc="bench", disable=not progress, leave=False):
         r = _decode(row, batch, prompt_len, new_tokens)
@@ -248,7 +391,7 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
     for row in rows:
         context = row.runner.meta.context or 2048
         pos_list = positions or [p for p in (64, 256, 1024, 4096) if p < context]
-        lat = {} if isinstance(row.runner, GenaiPeer) else latency_by_position(row.runner, pos_list)
+        lat = {} if _has_own_loop(row.runner) else latency_by_position(row.runner, pos_list)
         med = {k: float(np.median(v)) for k, v in row.samples.items()}
         tps1 = med["tokens_per_s@1"]
         step_bytes = row.weight_bytes + row.kv_bytes_per_token * (prompt_len + new_tokens // 2)
@@ -269,8 +412,15 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
         if peer:
             r["vs_transformers"] = r["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
             r["ttft_vs_transformers"] = r["ttft_s"] / peer["ttft_s"]
+        r["is_peer"] = r["backend"] in PEER_BACKENDS
+    for r in results:  # each starlift row against the fastest peer at its precision
+        same = [q for q in results if q["is_peer"] and q["precision"] == r["precision"]]
+        if not r["is_peer"] and same:
+            best = max(same, key=lambda q: q["decode_tokens_per_s"])
+            r["best_peer"] = f"{best['backend']}: {best['name']}"
+            r["vs_best_peer"] = r["decode_tokens_per_s"] / best["decode_tokens_per_s"]
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": __import__("os").cpu_count(), "memory_bandwidth_bytes_per_s": bandwidth},
+                        "cpus": os.cpu_count(), "memory_bandwidth_bytes_per_s": bandwidth},
             "settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": list(batches),
                          "reps": reps, "threads": threads},
             "results": results}
@@ -281,14 +431,21 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [f"bench: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['reps']}; "
              f"memory bandwidth {bw:.1f} GB/s",
-             f"{'row':<28} {'backend':<12} {'tok/s':>8} {'TTFT ms':>8} "
+             f"{'row':<28} {'backend':<17} {'tok/s':>8} {'TTFT ms':>8} "
              + " ".join(f"{'b' + str(b) + ' tok/s':>10}" for b in s["batches"])
-             + f" {'RSS MiB':>8} {'roofline':>8} {'vs HF':>6}"]
+             + f" {'RSS MiB':>8} {'roofline':>8} {'vs HF':>6} {'vs best peer':>12}"]
+
+    def ratio(r, key, width):
+        return f"{r[key]:>{width - 1}.2f}x" if key in r else f"{'-':>{width}}"
+
     for r in report["results"]:
-        lines.append(f"{r['name']:<28} {r['backend']:<12} {r['decode_tokens_per_s']:>8.1f} {r['ttft_s'] * 1e3:>8.1f} "
+        lines.append(f"{r['name']:<28} {r['backend']:<17} {r['decode_tokens_per_s']:>8.1f} {r['ttft_s'] * 1e3:>8.1f} "
                      + " ".join(f"{r['throughput_tokens_per_s'][b]:>10.1f}" for b in s["batches"])
                      + f" {r['rss_bytes'] / 2**20:>8.0f} {r['roofline_fraction'] * 100:>7.1f}%"
-                     + (f" {r['vs_transformers']:>5.2f}x" if "vs_transformers" in r else ""))
+                     + f" {ratio(r, 'vs_transformers', 6)} {ratio(r, 'vs_best_peer', 12)}")
+    best = [f"{r['name']}/{r['backend']} vs {r['best_peer']}" for r in report["results"] if "best_peer" in r]
+    if best:
+        lines.append("vs best peer (fastest peer row at the same precision, batch 1): " + "; ".join(best))
     lines.append("latency per decode step (ms) by position: " + "; ".join(
         f"{r['name']}/{r['backend']}: " + ", ".join(f"{p}:{v * 1e3:.2f}" for p, v in r["latency_by_position_s"].items())
         for r in report["results"]))

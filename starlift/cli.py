@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": ("starlift.commands.generate", "generate text or fill in the middle on any backend"),
     "parity": ("starlift.commands.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
     "bench": ("starlift.commands.bench", "decode speed, TTFT, batch throughput, RSS and roofline vs peers"),
+    "profile": ("starlift.commands.profile", "where a decode step's time goes: ORT kernels by op, framework, Python"),
     "soak": ("starlift.commands.soak", "thousands of generations in one process, RSS sampled (leak check)"),
     "demo": ("starlift.commands.demo", "the main job end to end on the embedded default model"),
 }

@@ -1,14 +1,19 @@
-"""A smoke run of `starlift bench` on a tiny model: the output's shape only (speed is not tested)."""
+"""A smoke run of `starlift bench` on a tiny model: the output's shape only (speed is not tested), and the
+optimum-onnx peer: its rows, its parity with transformers, its errors."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from starlift.export import export_checkpoint
-from tests.conftest import write_hf_checkpoint
+from tests.conftest import REPO, write_hf_checkpoint
 
 
 def test_bench_smoke(tmp_path):
@@ -32,3 +37,133 @@ def test_bench_smoke(tmp_path):
     assert report["machine"]["memory_bandwidth_bytes_per_s"] > 1e8
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "roofline" in proc.stdout
+
+
+# --- optimum-onnx peer: runs in its own venv (`make optimum-venv`), as a subprocess ----------------------------
+
+def _optimum_python() -> Path:
+    path = Path(os.environ.get("STARLIFT_OPTIMUM_PYTHON") or REPO / ".venv-optimum" / "bin" / "python")
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: run `make optimum-venv` (optimum-onnx needs transformers<4.58, so its own venv)")
+    return path
+
+
+def test_bench_optimum_rows(tmp_path):
+    python = _optimum_python()
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    export_checkpoint(ckpt, tmp_path / "art", progress=False)
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run([str(exe), "bench", str(tmp_path / "art"), "--prompt-len", "20", "--new-tokens", "4",
+                           "--batch", "1,2", "--reps", "1", "--positions", "8", "--peers", str(ckpt),
+                           "--optimum", str(python), "--optimum-cache", str(tmp_path / "cache"),
+                           "--json", str(tmp_path / "b.json"), "--no-progress"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    rows = report["results"]
+    assert [(r["backend"], r["precision"]) for r in rows] == [
+        ("onnxruntime", "fp32"), ("transformers", "fp32"),
+        ("optimum-onnx", "fp32"), ("optimum-onnx", "int8"), ("optimum-onnx", "int4")]
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0 and 0 < r["roofline_fraction"]
+        assert set(r["throughput_tokens_per_s"]) == {"1", "2"}
+        assert r["is_peer"] == (r["backend"] != "onnxruntime")
+    optimum = {r["precision"]: r for r in rows if r["backend"] == "optimum-onnx"}
+    assert all(r["latency_by_position_s"] == {} and r["rss_bytes"] > 0 for r in optimum.values())
+    # weight bytes are the exported files: fp32 holds at least the checkpoint's tensors, int4 fewer bytes
+    assert optimum["fp32"]["weight_bytes"] >= (ckpt / "model.safetensors").stat().st_size * 0.9
+    assert optimum["int4"]["weight_bytes"] < optimum["fp32"]["weight_bytes"]
+    starlift_row = rows[0]
+    best = max((r for r in rows[1:] if r["precision"] == "fp32"), key=lambda r: r["decode_tokens_per_s"])
+    assert starlift_row["vs_best_peer"] == pytest.approx(starlift_row["decode_tokens_per_s"] / best["decode_tokens_per_s"])
+    assert starlift_row["best_peer"].startswith(best["backend"])
+    assert "vs best peer" in proc.stdout and "optimum-onnx int4" in proc.stdout
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # fp32, int8, int4 exports, no temporary folder left
+
+
+def test_optimum_fp32_greedy_matches_transformers(tmp_path):
+    """The optimum peer runs the same model: its greedy tokens and every step's logits equal transformers',
+    past the sliding window (16) and for a batch of 2."""
+    import torch
+
+    from starlift.bench import OptimumPeer
+    from tests.conftest import load_hf
+
+    python = _optimum_python()
+    # a wide init so that greedy decoding does not repeat one token (a stronger check of the tokens)
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=3, initializer_range=0.5)
+    ids = [[(7 * i + 3) % 90 + 5 for i in range(24)], [(5 * i + 1) % 90 + 7 for i in range(24)]]
+    peer = OptimumPeer(python, ckpt, "fp32", tmp_path / "cache").activate()
+    try:
+        got = peer.greedy(ids, 12)
+    finally:
+        peer.deactivate()
+    with torch.no_grad():
+        out = load_hf(ckpt).generate(torch.tensor(ids), attention_mask=torch.ones(2, 24, dtype=torch.int64),
+                                     max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True)
+    want = out.sequences[:, 24:].tolist()
+    assert got["tokens"] == want
+    assert len(set(want[0])) > 3
+    ref = np.stack([x.numpy() for x in out.logits])
+    assert np.abs(np.array(got["logits"]) - ref).max() < 1e-4
+
+
+def test_optimum_errors_name_the_problem(tmp_path):
+    from starlift import bench
+    from starlift.errors import UsageError
+
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    with pytest.raises(UsageError, match="--optimum needs --peers"):
+        bench.run([], ["onnxruntime"], optimum_python=sys.executable)
+    with pytest.raises(UsageError, match="make optimum-venv"):
+        bench.run([], ["onnxruntime"], peers_reference=str(ckpt), optimum_python=str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="--optimum-precision"):
+        bench.run([], ["onnxruntime"], peers_reference=str(ckpt), optimum_python=sys.executable,
+                  optimum_precisions=("int3",))
+    # starlift's own interpreter has no optimum-onnx: the worker says so and the parent turns it into a UsageError
+    peer = bench.OptimumPeer(sys.executable, ckpt, "fp32", tmp_path / "cache")
+    with pytest.raises(UsageError, match="cannot import optimum-onnx.*make optimum-venv"):
+        peer.activate()
+    peer.deactivate()
+
+
+def test_optimum_worker_failure_is_a_peer_error(tmp_path):
+    from starlift.bench import OptimumPeer, PeerError
+
+    python = _optimum_python()
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    (ckpt / "model.safetensors").write_bytes(b"not safetensors")
+    peer = OptimumPeer(python, ckpt, "int8", tmp_path / "cache")
+    with pytest.raises(PeerError, match=r"optimum-onnx peer \(int8"):
+        peer.activate()
+    peer.deactivate()
+    assert not list((tmp_path / "cache").glob("*"))  # the failed export left no folder, finished or temporary
+
+
+# --- starlift profile: where a step's time goes ------------------------------------------------------------------
+
+def test_profile_reports_kernels_by_op_and_python_overhead(tmp_path):
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    export_checkpoint(ckpt, tmp_path / "ort", flavour="ort", progress=False)
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run([str(exe), "profile", str(tmp_path / "ort"), "--prompt-len", "12", "--steps", "6",
+                           "--reps", "1", "--json", str(tmp_path / "p.json")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    p = report["profiled"]
+    # the fused graph's own kernels are what the profiler saw
+    assert {"GroupQueryAttention", "RotaryEmbedding", "MatMul"} <= set(p["by_op_ms"])
+    assert abs(sum(p["by_op_fraction"].values()) - 1) < 1e-6
+    assert 0 < p["kernels_ms"] <= p["run_ms"]
+    assert 0 < report["ort_run_ms"] < report["step_ms"]
+    assert report["python_overhead_ms"] == pytest.approx(report["step_ms"] - report["ort_run_ms"])
+    assert "starlift Python" in proc.stdout and "GroupQueryAttention" in proc.stdout
+    assert not list(Path.cwd().glob("starlift-ort-profile*"))  # the trace is removed
+
+
+def test_profile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run([str(exe), "profile", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not an artifact folder" in proc.stderr

@@ -1,4 +1,5 @@
-"""``starlift bench PATH... [--backend B ...] [--prompt-len] [--new-tokens] [--batch] [--reps] [--peers CKPT]``."""
+"""``starlift bench PATH... [--backend B ...] [--prompt-len] [--new-tokens] [--batch] [--reps] [--peers CKPT]
+[--genai] [--optimum PYTHON]``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run transformers' eager Starcoder2ForCausalLM on this checkpoint (extra starlift[bench])")
     p.add_argument("--genai", action="store_true",
                    help="also run onnxruntime-genai's own generation loop on each artifact (a peer)")
+    p.add_argument("--optimum", metavar="PYTHON", default=None,
+                   help="also run optimum-onnx's export of the --peers checkpoint (ORTModelForCausalLM; fp32, dynamic "
+                        "int8, int4 MatMulNBits) through this interpreter, which must have optimum-onnx: it needs "
+                        "transformers<4.58, so it lives in its own venv (`make optimum-venv`: .venv-optimum/bin/python)")
+    p.add_argument("--optimum-precision", default="fp32,int8,int4", metavar="LIST",
+                   help="comma-separated optimum-onnx rows (default fp32,int8,int4)")
+    p.add_argument("--optimum-cache", metavar="DIR", default=None,
+                   help="where optimum-onnx exports are cached, keyed by checkpoint and precision "
+                        "(default ~/.cache/starlift/optimum-onnx)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib)")
     p.add_argument("--no-progress", action="store_true")
@@ -43,6 +53,8 @@ def main(args: argparse.Namespace) -> int:
     positions = _ints(args.positions, "--positions") if args.positions else None
     report = bench.run(args.paths, args.backend or ["onnxruntime"], prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, batches=batches, reps=args.reps, peers_reference=args.peers, genai=args.genai,
+                       optimum_python=args.optimum, optimum_cache=args.optimum_cache,
+                       optimum_precisions=tuple(x.strip() for x in args.optimum_precision.split(",") if x.strip()),
                        threads=args.threads, positions=positions, progress=not args.no_progress)
     print(bench.format_table(report))
     if args.json:

@@ -1,0 +1,30 @@
+"""``starlift profile ARTIFACT``: where a decode step's time goes (ORT kernels by op type, ORT's
+framework time, starlift's Python per token)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact folder (runs on ONNX Runtime, CPU)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64, help="decode steps measured after the prefill")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3, help="unprofiled repetitions; the fastest is reported")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--top", type=int, default=12, help="op types listed")
+    p.add_argument("--json", default=None, help="write the full report here")
+
+
+def main(args: argparse.Namespace) -> int:
+    from starlift.profile import format_report, run
+
+    report = run(args.artifact, prompt_len=args.prompt_len, steps=args.steps, batch=args.batch,
+                 threads=args.threads, reps=args.reps)
+    print(format_report(report, top=args.top))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
