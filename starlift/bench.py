@@ -30,19 +30,54 @@ class PeerError(StarliftError, RuntimeError):
     """A peer (another library measured beside starlift) failed to load or run."""
 
 
-def memory_bandwidth(nbytes: int = 512 << 20, reps: int = 5) -> float:
-    """Bytes/s of a large copy (read + write counted), the best of ``reps``; torch's copy uses
-    every core, as the runtimes do (a single-threaded numpy copy reads half as fast here)."""
+def memory_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes/s read by a large reduction (``torch.sum`` of 1 GiB on every core), the best of
+    ``reps``. A decode step does the same: it reads every weight once and writes almost
+    nothing, so read bandwidth, not copy bandwidth, bounds it. This host's bandwidth drifts
+    (a shared machine), so ``run`` samples it before and after the timed rounds and keeps the
+    highest."""
     import torch
 
     src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+    return nbytes / best
+
+
+GATHER_OPS = {"Gather", "GatherBlockQuantized"}
+
+
+def decode_read_bytes(model_path: str | Path) -> int:
+    """Bytes of weights one decode step reads: every initializer's stored bytes, except tables
+    that only Gather ops read (an embedding that is not also the LM head: a decode step reads one
+    row of it). Read off the graph and the external-data offsets, without loading the weights."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            sizes[t.name] = int(ext["length"])
+        elif t.raw_data:
+            sizes[t.name] = len(t.raw_data)
+        else:
+            sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in sizes:
+                readers.setdefault(name, set()).add(node.op_type)
+    return sum(size for name, size in sizes.items() if not readers.get(name, set()) <= GATHER_OPS)
+
+
+def _huge_pages() -> bool:
+    from .hugepages import active
+
+    return active()
 
 
 def _rss() -> int:
@@ -97,6 +132,7 @@ class _Row:
                  kv_bytes_per_token: int):
         self.name, self.path, self.backend, self.make_runner = name, path, backend, make_runner
         self.weight_bytes, self.precision, self.kv_bytes_per_token = weight_bytes, precision, kv_bytes_per_token
+        self.read_bytes = weight_bytes  # weights a decode step reads (artifacts: see decode_read_bytes)
         self.samples: dict[str, list[float]] = {}
         self.runner = None
         self.rss = 0
@@ -117,8 +153,10 @@ def _artifact_row(path: Path, backend: str, threads: int | None) -> _Row:
     kv_elem = 2 if manifest.get("dtype") in ("fp16", "bf16") else 4
     kv = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", 1) * head_dim * kv_elem
     options = {"threads": threads} if threads else {}
-    return _Row(f"{path.name} ({manifest.get('flavour')} {precision})", str(path), backend,
-                lambda: create_runner(backend, path, **options), weight_bytes, precision, kv)
+    row = _Row(f"{path.name} ({manifest.get('flavour')} {precision})", str(path), backend,
+               lambda: create_runner(backend, path, **options), weight_bytes, precision, kv)
+    row.read_bytes = decode_read_bytes(path / "model.onnx")
+    return row
 
 
 def _peer_rows(reference: Path, threads: int | None) -> list[_Row]:
@@ -333,7 +371,10 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
         batches: tuple[int, ...] = (1, 4, 8), reps: int = 3, peers_reference: str | None = None,
         genai: bool = False, optimum_python: str | None = None, optimum_precisions=OPTIMUM_PRECISIONS,
         optimum_cache: str | None = None,
-        threads: int | None = None, positions: list[int] | None = None, progress: bool = True) -> dict[str, Any]:
+        threads: int | None = None, positions: list[int] | None = None, progress: bool = True,
+        sequential: bool = False) -> dict[str, Any]:
+    """Measure every row; rows are loaded together and timed round-robin, or with
+    ``sequential`` one at a time (models that do not fit in memory together)."""
     from .api import is_artifact
 
     if prompt_len < 1 or new_tokens < 2 or reps < 1:
@@ -360,25 +401,50 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
     if genai:
         for p in paths:
             base = _artifact_row(Path(p), "onnxruntime", threads)
-            rows.append(_Row(base.name, base.path, "onnxruntime-genai", lambda p=p: GenaiPeer(Path(p)),
-                             base.weight_bytes, base.precision, base.kv_bytes_per_token))
-    bandwidth = memory_bandwidth()
+            genai_row = _Row(base.name, base.path, "onnxruntime-genai", lambda p=p: GenaiPeer(Path(p)),
+                             base.weight_bytes, base.precision, base.kv_bytes_per_token)
+            genai_row.read_bytes = base.read_bytes
+            rows.append(genai_row)
+    bandwidth = [memory_bandwidth()]
+    results = []
     try:
-        for row in rows:
-            base = _rss()
-            row.runner = row.make_runner().activate()
-            row.rss = _rss() - base
-            if isinstance(row.runner, OptimumPeer):  # another process: its own RSS growth, its export's size
-                row.rss, row.weight_bytes = row.runner.rss_bytes, row.runner.weight_bytes
-            _decode(row, 1, min(prompt_len, 16), 4)  # warm-up
-        return _measure(rows, bandwidth, prompt_len, new_tokens, batches, reps, threads, positions, progress)
+        if sequential:  # one model in memory at a time: rows are not interleaved
+            for row in rows:
+                _activate(row, prompt_len)
+                _timed([row], batches, reps, prompt_len, new_tokens, progress)
+                results.append(_summarize(row, bandwidth, batches, prompt_len, new_tokens, positions))
+                row.runner.deactivate()
+        else:
+            for row in rows:
+                _activate(row, prompt_len)
+            _timed(rows, batches, reps, prompt_len, new_tokens, progress)
+            for row in rows:
+                results.append(_summarize(row, bandwidth, batches, prompt_len, new_tokens, positions))
+                row.runner.deactivate()
     finally:
         for row in rows:  # subprocess peers must not outlive a failed run
             if isinstance(row.runner, OptimumPeer):
                 row.runner.deactivate()
+    bandwidth.append(memory_bandwidth())
+    best_bw = max(bandwidth)
+    for r in results:  # the roofline against the highest bandwidth seen in the run
+        r["roofline_tokens_per_s"] = best_bw / r.pop("step_bytes")
+        r["roofline_fraction"] = r["decode_tokens_per_s"] / r["roofline_tokens_per_s"]
+    return _compare(results, best_bw, bandwidth, prompt_len, new_tokens, batches, reps, threads, sequential)
 
 
-def _measure(rows, bandwidth, prompt_len, new_tokens, batches, reps, threads, positions, progress) -> dict[str, Any]:
+def _activate(row: _Row, prompt_len: int) -> None:
+    base = _rss()
+    row.runner = row.make_runner().activate()
+    row.rss = _rss() - base
+    if isinstance(row.runner, OptimumPeer):  # another process: its own RSS growth, its export's size
+        row.rss, row.weight_bytes = row.runner.rss_bytes, row.runner.weight_bytes
+        graphs = sorted(Path(row.runner.folder).glob("*.onnx")) if row.runner.folder else []
+        row.read_bytes = decode_read_bytes(graphs[0]) if len(graphs) == 1 else row.weight_bytes
+    _decode(row, 1, min(prompt_len, 16), 4)  # warm-up
+
+
+def _timed(rows, batches, reps, prompt_len, new_tokens, progress) -> None:
     from tqdm.auto import tqdm
 
     work = [(row, batch) for _ in range(reps) for batch in batches for row in rows]
@@ -387,26 +453,30 @@ def _measure(rows, bandwidth, prompt_len, new_tokens, batches, reps, threads, po
         row.add(f"tokens_per_s@{batch}", r["decode_tokens_per_s"])
         if batch == 1:
             row.add("ttft_s", r["ttft_s"])
-    results = []
-    for row in rows:
-        context = row.runner.meta.context or 2048
-        pos_list = positions or [p for p in (64, 256, 1024, 4096) if p < context]
-        lat = {} if _has_own_loop(row.runner) else latency_by_position(row.runner, pos_list)
-        med = {k: float(np.median(v)) for k, v in row.samples.items()}
-        tps1 = med["tokens_per_s@1"]
-        step_bytes = row.weight_bytes + row.kv_bytes_per_token * (prompt_len + new_tokens // 2)
-        floor = bandwidth / step_bytes
-        results.append({
-            "name": row.name, "path": row.path, "backend": row.backend, "precision": row.precision,
-            "decode_tokens_per_s": tps1, "ttft_s": med["ttft_s"],
-            "throughput_tokens_per_s": {b: med[f"tokens_per_s@{b}"] for b in batches},
-            "batch_scaling": {b: med[f"tokens_per_s@{b}"] / tps1 for b in batches},
-            "rss_bytes": row.rss, "weight_bytes": row.weight_bytes,
-            "roofline_tokens_per_s": floor, "roofline_fraction": tps1 / floor,
-            "latency_by_position_s": {str(k): v for k, v in lat.items()},
-            "samples": row.samples,
-        })
-        row.runner.deactivate()
+
+
+def _summarize(row, bandwidth, batches, prompt_len, new_tokens, positions) -> dict[str, Any]:
+    bandwidth.append(memory_bandwidth())
+    context = row.runner.meta.context or 2048
+    pos_list = positions or [p for p in (64, 256, 1024, 4096) if p < context]
+    lat = {} if _has_own_loop(row.runner) else latency_by_position(row.runner, pos_list)
+    med = {k: float(np.median(v)) for k, v in row.samples.items()}
+    tps1 = med["tokens_per_s@1"]
+    return {
+        "name": row.name, "path": row.path, "backend": row.backend, "precision": row.precision,
+        "decode_tokens_per_s": tps1, "ttft_s": med["ttft_s"],
+        "throughput_tokens_per_s": {b: med[f"tokens_per_s@{b}"] for b in batches},
+        "batch_scaling": {b: med[f"tokens_per_s@{b}"] / tps1 for b in batches},
+        "rss_bytes": row.rss, "weight_bytes": row.weight_bytes,
+        # bytes one decode step reads: weights at their stored precision + the KV cache at mid-run
+        "weights_read_per_step_bytes": row.read_bytes,
+        "step_bytes": row.read_bytes + row.kv_bytes_per_token * (prompt_len + new_tokens // 2),
+        "latency_by_position_s": {str(k): v for k, v in lat.items()},
+        "samples": row.samples,
+    }
+
+
+def _compare(results, bandwidth, samples, prompt_len, new_tokens, batches, reps, threads, sequential) -> dict[str, Any]:
     peer = next((r for r in results if r["backend"] == "transformers"), None)
     for r in results:
         if peer:
@@ -420,9 +490,11 @@ def _measure(rows, bandwidth, prompt_len, new_tokens, batches, reps, threads, po
             r["best_peer"] = f"{best['backend']}: {best['name']}"
             r["vs_best_peer"] = r["decode_tokens_per_s"] / best["decode_tokens_per_s"]
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": os.cpu_count(), "memory_bandwidth_bytes_per_s": bandwidth},
+                        "cpus": os.cpu_count(), "memory_bandwidth_bytes_per_s": bandwidth,
+                        "memory_bandwidth_samples": samples, "memory_bandwidth_method": "read-only: torch.sum of 1 GiB",
+                        "transparent_huge_pages": _huge_pages()},
             "settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": list(batches),
-                         "reps": reps, "threads": threads},
+                         "reps": reps, "threads": threads, "interleaved": not sequential},
             "results": results}
 
 
@@ -430,7 +502,7 @@ def format_table(report: dict[str, Any]) -> str:
     bw = report["machine"]["memory_bandwidth_bytes_per_s"] / 1e9
     s = report["settings"]
     lines = [f"bench: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, median of {s['reps']}; "
-             f"memory bandwidth {bw:.1f} GB/s",
+             f"read bandwidth {bw:.1f} GB/s",
              f"{'row':<28} {'backend':<17} {'tok/s':>8} {'TTFT ms':>8} "
              + " ".join(f"{'b' + str(b) + ' tok/s':>10}" for b in s["batches"])
              + f" {'RSS MiB':>8} {'roofline':>8} {'vs HF':>6} {'vs best peer':>12}"]

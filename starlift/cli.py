@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script: huge pages for the weights (see hugepages.py)
+        from .hugepages import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -128,9 +128,11 @@ def generate_tokens(runner: Runner, prompts: Sequence[Sequence[int]], params: Sa
     finished = np.zeros(batch, dtype=bool)
     next_pos = positions[:, -1] + 1
     for step in range(params.max_new_tokens):
-        scores = logits.astype(np.float32, copy=True)
-        for proc in processors:
-            scores = proc(scores, history)
+        scores = logits
+        if processors:  # greedy/plain sampling read the logits as they are: no copy per token
+            scores = logits.astype(np.float32, copy=True)
+            for proc in processors:
+                scores = proc(scores, history)
         tokens = sample(scores, params, rng).astype(np.int64)
         yield tokens
         for row, tok in enumerate(tokens):

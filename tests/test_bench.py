@@ -167,3 +167,39 @@ def test_profile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     exe = Path(sys.executable).with_name("starlift")
     proc = subprocess.run([str(exe), "profile", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not an artifact folder" in proc.stderr
+
+
+def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
+    """--sequential (models too big to load together): every row measured, the report says the rows
+    were not interleaved, and the roofline uses the highest read bandwidth sampled."""
+    from starlift import bench
+
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    export_checkpoint(ckpt, tmp_path / "art", progress=False)
+    report = bench.run([str(tmp_path / "art")], ["onnxruntime", "openvino"], prompt_len=8, new_tokens=4,
+                       batches=(1,), reps=1, positions=[8], progress=False, sequential=True, peers_reference=str(ckpt))
+    assert report["settings"]["interleaved"] is False
+    assert [r["backend"] for r in report["results"]] == ["onnxruntime", "openvino", "transformers"]
+    m = report["machine"]
+    assert m["memory_bandwidth_bytes_per_s"] == max(m["memory_bandwidth_samples"])
+    assert len(m["memory_bandwidth_samples"]) == 2 + len(report["results"])
+    for r in report["results"]:
+        assert r["roofline_fraction"] == pytest.approx(r["decode_tokens_per_s"] / r["roofline_tokens_per_s"])
+        assert r["vs_best_peer" if r["backend"] != "transformers" else "vs_transformers"] > 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_read_bytes_counts_what_a_step_reads(tmp_path, tied):
+    """The roofline's bytes per step: every weight, except an embedding table that only a Gather
+    reads (untied); a tied table is also the LM head, so it is read in full."""
+    from starlift.bench import decode_read_bytes
+
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=2, tie_word_embeddings=tied)
+    export_checkpoint(ckpt, tmp_path / "art", progress=False)
+    files = sum(p.stat().st_size for p in (tmp_path / "art").glob("model.onnx*"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    table = cfg["vocab_size"] * cfg["hidden_size"] * 4
+    read = decode_read_bytes(tmp_path / "art" / "model.onnx")
+    small = 64 << 10  # initializers stored inside model.onnx (shape constants) and alignment
+    expected = files if tied else files - table
+    assert expected - small <= read <= expected

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimum-cache", metavar="DIR", default=None,
                    help="where optimum-onnx exports are cached, keyed by checkpoint and precision "
                         "(default ~/.cache/starlift/optimum-onnx)")
+    p.add_argument("--sequential", action="store_true",
+                   help="load and time one row at a time, for models that do not fit in memory together "
+                        "(rows are then not interleaved)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib)")
     p.add_argument("--no-progress", action="store_true")
@@ -55,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
                        new_tokens=args.new_tokens, batches=batches, reps=args.reps, peers_reference=args.peers, genai=args.genai,
                        optimum_python=args.optimum, optimum_cache=args.optimum_cache,
                        optimum_precisions=tuple(x.strip() for x in args.optimum_precision.split(",") if x.strip()),
-                       threads=args.threads, positions=positions, progress=not args.no_progress)
+                       threads=args.threads, positions=positions, progress=not args.no_progress,
+                       sequential=args.sequential)
     print(bench.format_table(report))
     if args.json:
         with open(args.json, "w") as f:
