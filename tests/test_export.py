@@ -67,7 +67,8 @@ def test_manifest_and_configs(artifact, varied_checkpoint):
     genai = json.loads((artifact / "genai_config.json").read_text())
     assert genai["model"]["type"] == "decoder"
     assert 0 <= genai["model"]["eos_token_id"] < 99
-    assert genai["search"]["past_present_share_buffer"] is False  # concat-grow graphs
+    # shared only where the graph updates the cache in place (GroupQueryAttention)
+    assert genai["search"]["past_present_share_buffer"] is (manifest["flavour"] == "ort")
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2
 
 
@@ -284,3 +285,27 @@ def test_ort_flavour_kv_buffer_is_shared_and_updated_in_place(tmp_path, varied_c
     export_checkpoint(varied_checkpoint, portable, progress=False)
     with pytest.raises(UsageError, match="export with --flavour ort"):
         OnnxRuntimeRunner(portable / "model.onnx", kv_buffer="shared").activate()
+
+
+def test_onnxruntime_genai_batch_of_unequal_prompts_equals_transformers(artifact, hf):
+    """A batch of unequal prompts through genai (right-padded with pad_token_id, genai's
+    convention; for the ort flavour one preallocated KV buffer is shared): each row's greedy
+    tokens equal transformers' for that prompt alone, across the window."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test extra")
+    prompts = [[5, 17, 42, 8, 61, 23, 9, 30], [11, 4, 77]]
+    steps = 30
+    width = max(map(len, prompts))
+    pad = json.loads((artifact / "genai_config.json").read_text())["model"]["pad_token_id"]
+    model = og.Model(str(artifact))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=width + steps, do_sample=False, batch_size=2)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([p + [pad] * (width - len(p)) for p in prompts], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    for row, prompt in enumerate(prompts):
+        expected = _greedy_reference(hf, prompt, steps, eos=hf.config.eos_token_id)
+        sequence = [int(t) for t in gen.get_sequence(row)]
+        got = prompt + sequence[width:]  # genai keeps the padding between prompt and generated tokens
+        assert got[:len(expected)] == expected
+        assert len(got) >= len(expected)
