@@ -489,6 +489,12 @@ def _compare(results, bandwidth, samples, prompt_len, new_tokens, batches, reps,
             best = max(same, key=lambda q: q["decode_tokens_per_s"])
             r["best_peer"] = f"{best['backend']}: {best['name']}"
             r["vs_best_peer"] = r["decode_tokens_per_s"] / best["decode_tokens_per_s"]
+            # paired: the two rows' batch-1 samples of the same round, taken seconds apart, so a
+            # drift of the machine's memory bandwidth hits both; the median of those ratios
+            mine, theirs = r["samples"].get("tokens_per_s@1", []), best["samples"].get("tokens_per_s@1", [])
+            if mine and len(mine) == len(theirs):
+                ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+                r["vs_best_peer_paired"] = {"median": float(np.median(ratios)), "min": ratios[0], "max": ratios[-1]}
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "memory_bandwidth_bytes_per_s": bandwidth,
                         "memory_bandwidth_samples": samples, "memory_bandwidth_method": "read-only: torch.sum of 1 GiB",
@@ -515,7 +521,11 @@ def format_table(report: dict[str, Any]) -> str:
                      + " ".join(f"{r['throughput_tokens_per_s'][b]:>10.1f}" for b in s["batches"])
                      + f" {r['rss_bytes'] / 2**20:>8.0f} {r['roofline_fraction'] * 100:>7.1f}%"
                      + f" {ratio(r, 'vs_transformers', 6)} {ratio(r, 'vs_best_peer', 12)}")
-    best = [f"{r['name']}/{r['backend']} vs {r['best_peer']}" for r in report["results"] if "best_peer" in r]
+    def paired(r):
+        p = r.get("vs_best_peer_paired")
+        return f" (paired by round: median {p['median']:.2f}x, {p['min']:.2f}-{p['max']:.2f}x)" if p else ""
+
+    best = [f"{r['name']}/{r['backend']} vs {r['best_peer']}{paired(r)}" for r in report["results"] if "best_peer" in r]
     if best:
         lines.append("vs best peer (fastest peer row at the same precision, batch 1): " + "; ".join(best))
     lines.append("latency per decode step (ms) by position: " + "; ".join(

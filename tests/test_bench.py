@@ -35,6 +35,12 @@ def test_bench_smoke(tmp_path):
         assert set(r["latency_by_position_s"]) == ({"8", "32"} if r["backend"] != "onnxruntime-genai" else set())
         assert 0 < r["roofline_fraction"]
     assert report["machine"]["memory_bandwidth_bytes_per_s"] > 1e8
+    # the console script restarted itself with glibc's huge-page tunable where THP is "madvise"
+    from starlift import hugepages
+
+    mode = hugepages.thp_mode()
+    assert report["machine"]["transparent_huge_pages"] == (
+        mode == "always" or (mode == "madvise" and hugepages._glibc_supports_it()))
     assert (tmp_path / "b.png").stat().st_size > 1000
     assert "roofline" in proc.stdout
 
@@ -179,6 +185,9 @@ def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
     report = bench.run([str(tmp_path / "art")], ["onnxruntime", "openvino"], prompt_len=8, new_tokens=4,
                        batches=(1,), reps=1, positions=[8], progress=False, sequential=True, peers_reference=str(ckpt))
     assert report["settings"]["interleaved"] is False
+    from starlift import hugepages
+
+    assert report["machine"]["transparent_huge_pages"] == hugepages.active()  # in-process: no restart
     assert [r["backend"] for r in report["results"]] == ["onnxruntime", "openvino", "transformers"]
     m = report["machine"]
     assert m["memory_bandwidth_bytes_per_s"] == max(m["memory_bandwidth_samples"])
