@@ -88,6 +88,7 @@ class OnnxRuntimeRunner(Runner):
 
         graph = onnx.load(str(self.model_path), load_external_data=False).graph  # the graph only: small
         self._gqa = any(n.op_type == "GroupQueryAttention" for n in graph.node)
+        self._float_logits = next(o.type for o in self.session.get_outputs() if o.name == "logits") == "tensor(float)"
         if self.kv_buffer == "shared" and not self._gqa:
             raise UsageError(f"{self.model_path} concatenates its KV cache in the graph (portable flavour); an in-place "
                              "shared buffer needs the ort flavour's GroupQueryAttention: export with --flavour ort")
@@ -114,7 +115,7 @@ class OnnxRuntimeRunner(Runner):
     def _bind_shared(self) -> None:
         """One IO binding per cache buffer: past and present bound to the same memory, once, so a
         decode step binds only its three small inputs (fewer Python calls per token)."""
-        self._io = None
+        self._io, self._logits = None, None
         if self.shared_kv:
             self._io = self.session.io_binding()
             self._io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot
@@ -158,10 +159,21 @@ class OnnxRuntimeRunner(Runner):
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
         io.bind_cpu_input("position_ids", position_ids)
-        io.bind_output("logits")
+        decode = self.shared_kv and input_ids.shape[1] == 1 and self._float_logits
+        if decode:
+            # a decode step writes its logits into a buffer of ours: no output wrappers to build
+            shape = (input_ids.shape[0], 1, self.meta.vocab_size)
+            if self._logits is None or self._logits.shape != shape:
+                self._logits = np.empty(shape, np.float32)
+                self._logits_value = self._ort.OrtValue.ortvalue_from_numpy(self._logits)
+            io.bind_ortvalue_output("logits", self._logits_value)
+        else:
+            io.bind_output("logits")
         start = time.perf_counter()
         self.session.run_with_iobinding(io)
         self.run_seconds += time.perf_counter() - start
+        if decode:
+            return self._logits.copy()  # the buffer is rewritten by the next step
         outputs = io.get_outputs()
         if not self.shared_kv:
             self._past = list(outputs[1:])
@@ -174,4 +186,4 @@ class OnnxRuntimeRunner(Runner):
         return self.session.end_profiling()
 
     def _deactivate_impl(self) -> None:
-        self.session, self._past, self._buffers, self._io = None, None, None, None
+        self.session, self._past, self._buffers, self._io, self._logits = None, None, None, None, None
