@@ -492,7 +492,7 @@ def _compare(results, bandwidth, samples, prompt_len, new_tokens, batches, reps,
             # paired: the two rows' batch-1 samples of the same round, taken seconds apart, so a
             # drift of the machine's memory bandwidth hits both; the median of those ratios
             mine, theirs = r["samples"].get("tokens_per_s@1", []), best["samples"].get("tokens_per_s@1", [])
-            if mine and len(mine) == len(theirs):
+            if mine and len(mine) == len(theirs) and not sequential:  # sequential rows share no round
                 ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
                 r["vs_best_peer_paired"] = {"median": float(np.median(ratios)), "min": ratios[0], "max": ratios[-1]}
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
