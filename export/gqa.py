@@ -60,6 +60,9 @@ class _AttentionToGQA(pattern.RewriteRuleClassBase):
         flat = op.Constant(value=ir.tensor(np.array([0, 0, -1], np.int64)))
 
         def bsd(x):  # (B, N, S, D) -> (B, S, N*D)
+            source = _projection(x)
+            if source is not None:  # x is a projection's heads view: GQA takes the projection itself
+                return source
             return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), flat)
 
         mask = self.mask
@@ -85,6 +88,25 @@ class _AttentionToGQA(pattern.RewriteRuleClassBase):
             local_window_size=c.sliding_window or -1, scale=float(scale.const_value.numpy()),
             _domain="com.microsoft", _outputs=3,
         )
+
+
+def _projection(x: ir.Value) -> ir.Value | None:
+    """``lin`` when ``x = Transpose(Reshape(lin, (B, S, N, D)), perm=[0, 2, 1, 3])`` with ``lin``
+    of rank 3: then ``(B, S, N*D)`` is ``lin`` as it is, and GQA's value input needs no
+    Transpose and no Reshape (the values are not rotated, so nothing else sits in between)."""
+    node = x.producer()
+    if node is None or node.op_type != "Transpose":
+        return None
+    perm = node.attributes.get("perm")
+    if perm is None or list(perm.as_ints()) != [0, 2, 1, 3]:
+        return None
+    reshape = node.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    lin = reshape.inputs[0]
+    if lin.shape is None or len(lin.shape) != 3:
+        return None
+    return lin
 
 
 def fuse_group_query_attention(model: ir.Model, config: Starcoder2Config) -> int:
