@@ -134,7 +134,7 @@ class _TextCalibration:
 
 def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size: int = 32, algo: str = "rtn",
                       accuracy_level: int | None = 4, symmetric: bool = False, int8_method: str = "nbits",
-                      head_bits: int = 8, calibration: str | Path | None = None, exclude: list[str] | None = None,
+                      head_bits: int = 8, head_block_size: int | None = None, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest."""
@@ -155,6 +155,12 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
         raise UsageError(f"unknown int8 method {int8_method!r}; choose one of {', '.join(INT8_METHODS)}")
     if head_bits not in (4, 8):
         raise UsageError(f"--head-bits must be 4 or 8, got {head_bits}")
+    # int4's 8-bit head: scales per 128 weights instead of 32 cost nothing measurable (nano held-out
+    # top-1 0.940 vs 0.941, perplexity 35.79 vs 35.80) and read 5% fewer bytes per step (113M int4:
+    # 88.0 vs 92.4 MB, decode +3-6%); int8's head keeps --block-size (0.989 vs 0.992 top-1 there)
+    head_block_size = head_block_size or (128 if mode == "int4" and head_bits == 8 else block_size)
+    if head_block_size not in (16, 32, 64, 128, 256):
+        raise UsageError(f"--head-block-size must be a power of two in 16..256, got {head_block_size}")
     accuracy_level = accuracy_level or None  # 0 means "unset" (onnxruntime's default compute type)
     manifest = verify(src, check_onnx=False)
     if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
@@ -206,13 +212,14 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                    calibration=calib)
                 bar.set_description(f"quantize {mode}: head and embedding")
                 if head and head[0] not in (exclude or []):
-                    model = _nbits(model, head_bits, block_size=block_size, symmetric=symmetric,
+                    model = _nbits(model, head_bits, block_size=head_block_size, symmetric=symmetric,
                                    accuracy_level=accuracy_level, algo="rtn", include=head)
                 if mode == "int4":  # onnxruntime quantizes Gather at 4 bits only; int8 keeps exact lookups
                     model = _nbits(model, 4, block_size=block_size, symmetric=symmetric, accuracy_level=None,
                                    algo="rtn", op_types=("Gather",))
                 details.update({"bits": bits, "block_size": block_size, "algo": algo, "symmetric": symmetric,
-                                "accuracy_level": accuracy_level, "head_bits": head_bits, "int8_method":
+                                "accuracy_level": accuracy_level, "head_bits": head_bits,
+                                "head_block_size": head_block_size, "int8_method":
                                 int8_method if mode == "int8" else None,
                                 "embedding": "GatherBlockQuantized 4-bit" if mode == "int4" else "fp32 Gather",
                                 "excluded": list(exclude or [])})

@@ -45,6 +45,14 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
     if mode == "int4":
         assert "GatherBlockQuantized" in ops
         assert manifest["size"]["ratio_to_fp32"] < 0.5
+    if mode in ("int4", "int8") and not kwargs:  # the 8-bit head's scale blocks: 128 for int4, --block-size for int8
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        blocks = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+        head = [b for name, b in blocks.items() if "lm_head" in name]
+        assert len(head) == 1 and head[0]["bits"] == 8
+        assert head[0]["block_size"] == (128 if mode == "int4" else 32)
+        assert manifest["quantization"]["head_block_size"] == head[0]["block_size"]
+        assert {b["block_size"] for name, b in blocks.items() if "lm_head" not in name} == {32}
     if mode == "int8" and kwargs:
         assert {"DynamicQuantizeMatMul", "MatMulInteger"} & ops or "DynamicQuantizeLinear" in ops
     for name in ("genai_config.json", "tokenizer.json", "config.json"):

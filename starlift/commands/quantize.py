@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic"],
                    help="int8: weight-only MatMulNBits (default) or dynamic int8 activations")
     p.add_argument("--head-bits", type=int, default=8, choices=[4, 8], help="bits of the LM head (default 8)")
+    p.add_argument("--head-block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
+                   help="block size of the LM head's scales (default: 128 for int4's 8-bit head, else --block-size)")
     p.add_argument("--calibration", default=None, help="code text for GPTQ calibration")
     p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: built-in)")
     p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
@@ -36,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
     text = _read_prompt_file(args.eval_text) if args.eval_text else None
     m = quantize_artifact(args.artifact, args.out, mode=args.mode, block_size=args.block_size, algo=args.algo,
                           accuracy_level=args.accuracy_level, symmetric=args.symmetric,
-                          int8_method=args.int8_method, head_bits=args.head_bits, calibration=args.calibration,
+                          int8_method=args.int8_method, head_bits=args.head_bits,
+                          head_block_size=args.head_block_size, calibration=args.calibration,
                           exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force,
                           allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
     q = m["quality"]
