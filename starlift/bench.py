@@ -143,15 +143,14 @@ class _Row:
 
 def _artifact_row(path: Path, backend: str, threads: int | None) -> _Row:
     from .artifact import read_manifest
+    from .model import Starcoder2Config
     from .runtimes import create_runner
 
     manifest = read_manifest(path)
-    config = json.loads((path / "config.json").read_text())
     precision = manifest.get("precision", manifest.get("dtype", "fp32"))
     weight_bytes = sum(p.stat().st_size for p in path.glob("model.onnx*"))
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     kv_elem = 2 if manifest.get("dtype") in ("fp16", "bf16") else 4
-    kv = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", 1) * head_dim * kv_elem
+    kv = Starcoder2Config.from_hf(path).kv_cache_bytes(1, bytes_per_value=kv_elem)
     options = {"threads": threads} if threads else {}
     row = _Row(f"{path.name} ({manifest.get('flavour')} {precision})", str(path), backend,
                lambda: create_runner(backend, path, **options), weight_bytes, precision, kv)
@@ -164,7 +163,7 @@ def _peer_rows(reference: Path, threads: int | None) -> list[_Row]:
     from .model import Starcoder2Config
 
     config = Starcoder2Config.from_hf(reference)
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    kv = config.kv_cache_bytes(1, bytes_per_value=4)
     weight_bytes = config.num_parameters() * 4
     return [_Row("transformers eager fp32", str(reference), "transformers",
                  lambda: TransformersRunner(reference, threads), weight_bytes, "fp32", kv)]
@@ -350,7 +349,7 @@ def _optimum_rows(python: str, reference: Path, precisions, cache_dir, threads: 
     from .model import Starcoder2Config
 
     config = Starcoder2Config.from_hf(reference)
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    kv = config.kv_cache_bytes(1, bytes_per_value=4)
     # weight_bytes is replaced by the exported files' size once the worker has exported them
     return [_Row(f"optimum-onnx {p}", str(reference), "optimum-onnx",
                  lambda p=p: OptimumPeer(python, reference, p, cache_dir, threads), config.num_parameters() * 4, p, kv)
@@ -389,18 +388,20 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
         if bad or not optimum_precisions:
             raise UsageError(f"--optimum-precision takes {', '.join(OPTIMUM_PRECISIONS)}, got {bad or 'nothing'}")
     rows: list[_Row] = []
+    first: dict[str, _Row] = {}  # per artifact: its manifest, sizes and graph are read once
     for p in paths:
         if not is_artifact(p):
             raise UsageError(f"{p} is not an artifact folder (no manifest.json); export it first")
         for b in backends:
             rows.append(_artifact_row(Path(p), b, threads))
+            first.setdefault(p, rows[-1])
     if peers_reference:
         rows.extend(_peer_rows(Path(peers_reference), threads))
     if optimum_python:
         rows.extend(_optimum_rows(optimum_python, Path(peers_reference), optimum_precisions, optimum_cache, threads))
     if genai:
         for p in paths:
-            base = _artifact_row(Path(p), "onnxruntime", threads)
+            base = first.get(p) or _artifact_row(Path(p), "onnxruntime", threads)
             genai_row = _Row(base.name, base.path, "onnxruntime-genai", lambda p=p: GenaiPeer(Path(p)),
                              base.weight_bytes, base.precision, base.kv_bytes_per_token)
             genai_row.read_bytes = base.read_bytes
