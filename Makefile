@@ -22,7 +22,7 @@ test: $(VENV)/bin/python optimum-venv
 	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
 # optimum-onnx (the `starlift bench --optimum` peer) needs transformers<4.58, so it lives in its own
-# venv, run as a subprocess by starlift/peers_optimum_worker.py. The inner .gitignore keeps git
+# venv, run as a subprocess by starlift/optimum_worker.py. The inner .gitignore keeps git
 # out of it; the stamp is written last so an interrupted install is redone. onnx-ir: for
 # onnxruntime.quantization.matmul_nbits_quantizer (the int4 row).
 optimum-venv: $(OPTIMUM_VENV)/.installed

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from starlift.artifact import MODEL_FILE, genai_config, verify, write_manifest
-from starlift.errors import ParityError, UsageError
-from starlift.fsutil import atomic_output_dir, check_output_dir, sha256_file
+from starlift.core.artifact import MODEL_FILE, genai_config, verify, write_manifest
+from starlift.core.errors import ParityError, UsageError
+from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
 from starlift.model.checkpoint import weight_files
 

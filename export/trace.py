@@ -22,7 +22,7 @@ import onnx_ir.passes.common
 import torch
 from torch import nn
 
-from starlift.artifact import past_names, present_names
+from starlift.core.artifact import past_names, present_names
 from starlift.model import Starcoder2
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from starlift.errors import CheckpointError, UsageError
-from starlift.fsutil import atomic_output_dir
+from starlift.core.errors import CheckpointError, UsageError
+from starlift.core.fsutil import atomic_output_dir
 
 from .config import PRESETS, Starcoder2Config
 from .modeling import RotaryEmbedding, Starcoder2

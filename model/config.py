@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starlift.errors import ConfigError
+from starlift.core.errors import ConfigError
 
 # hidden_act values we implement, and the torch GELU approximation each one means.
 GELU_APPROXIMATION = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}

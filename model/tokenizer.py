@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from starlift.errors import CheckpointError, UsageError
+from starlift.core.errors import CheckpointError, UsageError
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
 END_OF_TEXT = "<|endoftext|>"

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from starlift.artifact import MODEL_FILE, past_names, verify, write_manifest
-from starlift.errors import ParityError, UsageError
-from starlift.fsutil import atomic_output_dir, check_output_dir
+from starlift.core.artifact import MODEL_FILE, past_names, verify, write_manifest
+from starlift.core.errors import ParityError, UsageError
+from starlift.core.fsutil import atomic_output_dir, check_output_dir
 
 MODES = ("fp16", "bf16", "int8", "int4")
 ALGOS = ("rtn", "hqq", "gptq")
@@ -265,7 +265,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
 
 
 def _sha(path: Path) -> str:
-    from starlift.fsutil import sha256_file
+    from starlift.core.fsutil import sha256_file
 
     return sha256_file(path)
 
@@ -295,7 +295,7 @@ def default_eval_text() -> tuple[str, str]:
     import importlib.util
     import platform
 
-    from starlift import parity
+    from starlift.evaluation import parity
 
     parts, used = [parity.BUILTIN_TEXT], []
     for name in EVAL_MODULES:
@@ -312,7 +312,7 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
                     eval_text: str | None, windows: int = 4) -> dict[str, Any]:
     """Teacher-forced logits of both models over a fixed code text, in windows of at most
     EVAL_TOKENS (a full-pass attention costs tokens^2 memory), up to ``windows`` of them."""
-    from starlift import parity
+    from starlift.evaluation import parity
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     limit = min(EVAL_TOKENS, config.get("max_position_embeddings", EVAL_TOKENS))

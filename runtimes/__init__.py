@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starlift.errors import UsageError
+from starlift.core.errors import UsageError
 
 from .base import ModelMeta, Runner
 

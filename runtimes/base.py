@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starlift.errors import StarliftError, UsageError
+from starlift.core.errors import StarliftError, UsageError
 
 
 @dataclass(frozen=True)

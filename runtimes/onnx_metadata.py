@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.errors import StarliftError
+from starlift.core.errors import StarliftError
 
 from .base import ModelMeta, kv_inputs_from_names
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.artifact import past_names, present_names
-from starlift.errors import UsageError
+from starlift.core.artifact import past_names, present_names
+from starlift.core.errors import UsageError
 
 from .base import ModelMeta, Runner
 from .onnx_metadata import meta_from_io

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.artifact import past_names, present_names
-from starlift.errors import StarliftError, UsageError
+from starlift.core.artifact import past_names, present_names
+from starlift.core.errors import StarliftError, UsageError
 
 from .base import ModelMeta, Runner
 from .onnx_metadata import artifact_context, kv_inputs_from_names

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.artifact import past_names, present_names
-from starlift.errors import StarliftError, UsageError
-from starlift.fsutil import sha256_file
+from starlift.core.artifact import past_names, present_names
+from starlift.core.errors import StarliftError, UsageError
+from starlift.core.fsutil import sha256_file
 
 from .base import ModelMeta, Runner
 from .onnx_metadata import artifact_context, meta_from_io

@@ -6,7 +6,7 @@ Stages are subpackages: ``starlift.model`` <- ``starlift.export`` <- ``starlift.
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .core.errors import (  # noqa: E402
     ArtifactError,
     CheckpointError,
     ConfigError,
@@ -17,7 +17,7 @@ from .errors import (  # noqa: E402
 
 
 def load(path, backend="onnxruntime", **options):
-    """A :class:`starlift.generation.Generator` for an artifact or checkpoint (see ``starlift.api.load``)."""
+    """A :class:`starlift.engine.generation.Generator` for an artifact or checkpoint (see ``starlift.api.load``)."""
     from .api import load as _load
 
     return _load(path, backend=backend, **options)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifact import MANIFEST, verify
-from .errors import UsageError
-from .generation import Generator
-from .model.checkpoint import resolve_checkpoint
-from .model.tokenizer import Tokenizer
-from .runtimes import BACKENDS, create_runner
+from starlift.core.artifact import MANIFEST, verify
+from starlift.core.errors import UsageError
+from starlift.engine.generation import Generator
+from starlift.model.checkpoint import resolve_checkpoint
+from starlift.model.tokenizer import Tokenizer
+from starlift.runtimes import BACKENDS, create_runner
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -92,7 +92,7 @@ def test_optimum_fp32_greedy_matches_transformers(tmp_path):
     past the sliding window (16) and for a batch of 2."""
     import torch
 
-    from starlift.bench import OptimumPeer
+    from starlift.bench.speed import OptimumPeer
     from tests.conftest import load_hf
 
     python = _optimum_python()
@@ -116,8 +116,8 @@ def test_optimum_fp32_greedy_matches_transformers(tmp_path):
 
 
 def test_optimum_errors_name_the_problem(tmp_path):
-    from starlift import bench
-    from starlift.errors import UsageError
+    from starlift.bench import speed as bench
+    from starlift.core.errors import UsageError
 
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
     with pytest.raises(UsageError, match="--optimum needs --peers"):
@@ -135,7 +135,7 @@ def test_optimum_errors_name_the_problem(tmp_path):
 
 
 def test_optimum_worker_failure_is_a_peer_error(tmp_path):
-    from starlift.bench import OptimumPeer, PeerError
+    from starlift.bench.speed import OptimumPeer, PeerError
 
     python = _optimum_python()
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
@@ -178,7 +178,7 @@ def test_profile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
 def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
     """--sequential (models too big to load together): every row measured, the report says the rows
     were not interleaved, and the roofline uses the highest read bandwidth sampled."""
-    from starlift import bench
+    from starlift.bench import speed as bench
 
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
     export_checkpoint(ckpt, tmp_path / "art", progress=False)
@@ -202,7 +202,7 @@ def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
 def test_decode_read_bytes_counts_what_a_step_reads(tmp_path, tied):
     """The roofline's bytes per step: every weight, except an embedding table that only a Gather
     reads (untied); a tied table is also the LM head, so it is read in full."""
-    from starlift.bench import decode_read_bytes
+    from starlift.bench.speed import decode_read_bytes
 
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=2, tie_word_embeddings=tied)
     export_checkpoint(ckpt, tmp_path / "art", progress=False)

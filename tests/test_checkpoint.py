@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from starlift.errors import CheckpointError, ConfigError, UsageError
+from starlift.core.errors import CheckpointError, ConfigError, UsageError
 from starlift.model import Starcoder2Config, load_checkpoint, random_checkpoint, save_checkpoint
 from tests.conftest import load_hf, write_hf_checkpoint
 

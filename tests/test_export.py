@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from starlift.artifact import verify
-from starlift.errors import ArtifactError, CheckpointError, ConfigError, UsageError
+from starlift.core.artifact import verify
+from starlift.core.errors import ArtifactError, CheckpointError, ConfigError, UsageError
 from starlift.export import export_checkpoint
 from tests.conftest import load_hf, write_hf_checkpoint
 from tests.helpers import OpenVinoDecoder, OrtDecoder, genai_greedy, hf_full_logits, padded_ids
@@ -223,7 +223,7 @@ def test_failed_validation_removes_artifact(tmp_path, varied_checkpoint, monkeyp
     from starlift.export import validate
 
     monkeypatch.setitem(validate.TOLERANCE, "fp32", 0.0)  # an impossible bound: any rounding fails it
-    from starlift.errors import ParityError
+    from starlift.core.errors import ParityError
 
     with pytest.raises(ParityError, match="artifact was removed"):
         export_checkpoint(varied_checkpoint, tmp_path / "strict", progress=False)

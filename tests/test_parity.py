@@ -61,7 +61,7 @@ def test_parity_fails_against_a_different_model(setup, tmp_path):
 
 def test_torch_runner_on_checkpoint_passes(setup):
     _, ckpt, _ = setup
-    from starlift import parity
+    from starlift.evaluation import parity
 
     report = parity.run(ckpt, ckpt, ["torch"], steps=20)
     assert report["passed"] and report["backends"]["torch"]["max_abs_error"] <= 1e-4

@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 import starlift
-from starlift.artifact import verify
-from starlift.errors import ParityError, UsageError
+from starlift.core.artifact import verify
+from starlift.core.errors import ParityError, UsageError
 from starlift.export import export_checkpoint
 from starlift.quantize import quantize_artifact
 from tests.conftest import write_hf_checkpoint

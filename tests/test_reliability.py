@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import starlift
-from starlift.artifact import verify
-from starlift.errors import ArtifactError, UsageError
+from starlift.core.artifact import verify
+from starlift.core.errors import ArtifactError, UsageError
 from starlift.export import export_checkpoint
 from tests.conftest import write_hf_checkpoint
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import starlift
-from starlift.errors import UsageError
+from starlift.core.errors import UsageError
 from starlift.export import export_checkpoint
 from starlift.runtimes import BACKENDS
 from tests.conftest import load_hf, write_hf_checkpoint

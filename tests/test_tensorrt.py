@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from starlift.errors import StarliftError, UsageError
+from starlift.core.errors import StarliftError, UsageError
 from starlift.export import export_checkpoint
 from starlift.runtimes.tensorrt_runner import (
     DECODE,

@@ -67,7 +67,7 @@ def test_fim_tokens_and_prompt(tok):
 
 
 def test_bad_tokenizer_file(tmp_path):
-    from starlift.errors import CheckpointError
+    from starlift.core.errors import CheckpointError
 
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")

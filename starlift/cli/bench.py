@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from starlift.errors import UsageError
+from starlift.core.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +50,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from starlift import bench
+    from starlift.bench import speed as bench
 
     batches = tuple(sorted(set([1, *_ints(args.batch, "--batch")])))
     positions = _ints(args.positions, "--positions") if args.positions else None

@@ -3,7 +3,7 @@ has optimum-onnx (``make optimum-venv``): optimum-onnx needs transformers<4.58, 
 so the two never share a process. This file imports only the standard library, numpy,
 onnxruntime, torch, transformers and optimum: never starlift.
 
-    python peers_optimum_worker.py CHECKPOINT --precision fp32|int8|int4 --workdir DIR [--threads N]
+    python optimum_worker.py CHECKPOINT --precision fp32|int8|int4 --workdir DIR [--threads N]
 
 It exports CHECKPOINT the way an optimum user would (StarCoder2 is not supported natively, so the
 Mistral-style custom ONNX config), quantizes it with the tools a user of optimum and ONNX Runtime

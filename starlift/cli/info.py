@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         config = Starcoder2Config.from_hf(folder)
         files = weight_files(folder, allow_pickle=True)
     if args.context is not None and args.context <= 0:
-        from starlift.errors import UsageError
+        from starlift.core.errors import UsageError
 
         raise UsageError(f"--context must be positive, got {args.context}")
     info = describe(config, args.context, args.batch)

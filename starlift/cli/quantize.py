@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from starlift.commands.generate import _read_prompt_file
+    from starlift.cli.generate import _read_prompt_file
     from starlift.quantize import quantize_artifact
 
     text = _read_prompt_file(args.eval_text) if args.eval_text else None

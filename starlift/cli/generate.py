@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from starlift.errors import UsageError
+from starlift.core.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                     ignore_eos=args.ignore_eos, truncate=args.truncate)
-    from starlift.generation import SamplingParams
+    from starlift.engine.generation import SamplingParams
 
     SamplingParams(**{k: v for k, v in sampling.items() if k != "truncate"})  # bad values fail before loading
     gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify, **options)

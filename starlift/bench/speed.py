@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StarliftError, UsageError
+from starlift.core.errors import StarliftError, UsageError
 
 # Rows that are not starlift: what a user would pick instead (the "vs best peer" column compares with these).
 PEER_BACKENDS = ("transformers", "optimum-onnx", "onnxruntime-genai")
@@ -75,7 +75,7 @@ def decode_read_bytes(model_path: str | Path) -> int:
 
 
 def _huge_pages() -> bool:
-    from .hugepages import active
+    from starlift.core.hugepages import active
 
     return active()
 
@@ -142,9 +142,9 @@ class _Row:
 
 
 def _artifact_row(path: Path, backend: str, threads: int | None) -> _Row:
-    from .artifact import read_manifest
-    from .model import Starcoder2Config
-    from .runtimes import create_runner
+    from starlift.core.artifact import read_manifest
+    from starlift.model import Starcoder2Config
+    from starlift.runtimes import create_runner
 
     manifest = read_manifest(path)
     precision = manifest.get("precision", manifest.get("dtype", "fp32"))
@@ -160,7 +160,7 @@ def _artifact_row(path: Path, backend: str, threads: int | None) -> _Row:
 
 def _peer_rows(reference: Path, threads: int | None) -> list[_Row]:
     """What a user would pick instead: transformers' eager Starcoder2ForCausalLM."""
-    from .model import Starcoder2Config
+    from starlift.model import Starcoder2Config
 
     config = Starcoder2Config.from_hf(reference)
     kv = config.kv_cache_bytes(1, bytes_per_value=4)
@@ -181,7 +181,7 @@ class TransformersRunner:
         import torch
         import transformers
 
-        from .runtimes.base import ModelMeta
+        from starlift.runtimes.base import ModelMeta
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -223,7 +223,7 @@ class GenaiPeer:
     def activate(self):
         import onnxruntime_genai as og
 
-        from .runtimes.base import ModelMeta
+        from starlift.runtimes.base import ModelMeta
 
         self.og, self.model = og, og.Model(str(self.artifact))
         config = json.loads((self.artifact / "genai_config.json").read_text())["model"]
@@ -255,11 +255,11 @@ class GenaiPeer:
 class OptimumPeer:
     """optimum-onnx's export of the checkpoint, run by ``ORTModelForCausalLM`` in a subprocess of an
     interpreter that has optimum-onnx (it needs transformers<4.58; starlift uses 5.x):
-    ``peers_optimum_worker.py`` exports (cached in ``cache_dir``), quantizes and answers requests.
+    ``optimum_worker.py`` exports (cached in ``cache_dir``), quantizes and answers requests.
     Measured end to end like GenaiPeer, so no latency-by-position curve."""
 
     name = "optimum-onnx"
-    WORKER = Path(__file__).with_name("peers_optimum_worker.py")
+    WORKER = Path(__file__).with_name("optimum_worker.py")
 
     def __init__(self, python: str | Path, checkpoint: Path, precision: str, cache_dir: str | Path | None = None,
                  threads: int | None = None):
@@ -269,8 +269,8 @@ class OptimumPeer:
         self.proc = self.log = None
 
     def activate(self):
-        from .model import Starcoder2Config
-        from .runtimes.base import ModelMeta
+        from starlift.model import Starcoder2Config
+        from starlift.runtimes.base import ModelMeta
 
         c = Starcoder2Config.from_hf(self.checkpoint)
         self.meta = ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size,
@@ -346,7 +346,7 @@ class OptimumPeer:
 
 
 def _optimum_rows(python: str, reference: Path, precisions, cache_dir, threads: int | None) -> list[_Row]:
-    from .model import Starcoder2Config
+    from starlift.model import Starcoder2Config
 
     config = Starcoder2Config.from_hf(reference)
     kv = config.kv_cache_bytes(1, bytes_per_value=4)
@@ -374,7 +374,7 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
         sequential: bool = False) -> dict[str, Any]:
     """Measure every row; rows are loaded together and timed round-robin, or with
     ``sequential`` one at a time (models that do not fit in memory together)."""
-    from .api import is_artifact
+    from starlift.api import is_artifact
 
     if prompt_len < 1 or new_tokens < 2 or reps < 1:
         raise UsageError("--prompt-len must be >= 1, --new-tokens >= 2 and --reps >= 1")

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from starlift.core.errors import UsageError
 
 
 def _greedy(runner, prompt: np.ndarray, steps: int) -> float:
-    from .generation import SamplingParams, generate_tokens
+    from starlift.engine.generation import SamplingParams, generate_tokens
 
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
     tokens = generate_tokens(runner, prompt.tolist(), params, eos_token_id=None)
@@ -59,9 +59,9 @@ def _kernels(trace_path: str, runs_to_skip: int) -> tuple[dict[str, float], floa
 
 def run(path: str | Path, prompt_len: int = 128, steps: int = 64, batch: int = 1,
         threads: int | None = None, reps: int = 3) -> dict[str, Any]:
-    from .api import is_artifact
-    from .bench import _prompt
-    from .runtimes.onnxruntime_runner import OnnxRuntimeRunner
+    from starlift.api import is_artifact
+    from starlift.bench.speed import _prompt
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     path = Path(path)
     if not is_artifact(path):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
-from .model.tokenizer import Tokenizer
-from .runtimes.base import Runner
+from starlift.core.errors import UsageError
+from starlift.model.tokenizer import Tokenizer
+from starlift.runtimes.base import Runner
 
 LogitsProcessor = Callable[[np.ndarray, list[list[int]]], np.ndarray]
 

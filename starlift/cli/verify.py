@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from starlift.artifact import verify
+    from starlift.core.artifact import verify
 
     manifest = verify(args.artifact)
     print(f"{args.artifact}: OK ({len(manifest['files'])} files, {manifest.get('flavour')} {manifest.get('dtype')})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from starlift.errors import UsageError
+from starlift.core.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from starlift import parity
+    from starlift.evaluation import parity
 
     text = None
     if args.text:

@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     import psutil
 
     import starlift
-    from starlift.errors import UsageError
+    from starlift.core.errors import UsageError
 
     if args.generations < 10:
         raise UsageError("--generations must be at least 10")

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from starlift.profile import format_report, run
+    from starlift.bench.profile import format_report, run
 
     report = run(args.artifact, prompt_len=args.prompt_len, steps=args.steps, batch=args.batch,
                  threads=args.threads, reps=args.reps)

@@ -32,7 +32,7 @@ def _tokens_per_second(gen, prompt: str, n: int) -> float:
 
 def main(args: argparse.Namespace) -> int:
     import starlift
-    from starlift import parity
+    from starlift.evaluation import parity
     from starlift.export import export_checkpoint
     from starlift.model import bundled_checkpoints
     from starlift.quantize import quantize_artifact

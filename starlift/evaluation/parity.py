@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from starlift.core.errors import UsageError
 
 BUILTIN_TEXT = '''import os
 from dataclasses import dataclass
@@ -99,7 +99,7 @@ def teacher_forced(runner, case: ParityCase) -> np.ndarray:
 
 
 def greedy(runner, prompt: list[int], steps: int) -> list[int]:
-    from .generation import SamplingParams, generate_tokens
+    from starlift.engine.generation import SamplingParams, generate_tokens
 
     params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
     return [int(t[0]) for t in generate_tokens(runner, [prompt], params, eos_token_id=None)]
@@ -147,12 +147,12 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
     """Compare each backend's runner on ``path`` with the reference checkpoint; returns the report."""
     import torch
 
-    from .api import is_artifact
-    from .artifact import read_manifest
-    from .model import load_checkpoint
-    from .model.tokenizer import Tokenizer
-    from .runtimes import BACKENDS, create_runner
-    from .runtimes.torch_runner import TorchRunner
+    from starlift.api import is_artifact
+    from starlift.core.artifact import read_manifest
+    from starlift.model import load_checkpoint
+    from starlift.model.tokenizer import Tokenizer
+    from starlift.runtimes import BACKENDS, create_runner
+    from starlift.runtimes.torch_runner import TorchRunner
 
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
@@ -199,7 +199,7 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
 
 
 def ref_model_folder(reference) -> Path:
-    from .model import resolve_checkpoint
+    from starlift.model import resolve_checkpoint
 
     return resolve_checkpoint(reference)
 

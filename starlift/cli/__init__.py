@@ -1,4 +1,4 @@
-"""The ``starlift`` console script: one parser, subcommands that each call a module's ``main``.
+"""The ``starlift`` console script: one parser, one module per subcommand (``add_arguments`` + ``main``).
 
 Failures print one line on stderr (exit 2 for bad usage, 1 for a failed operation); ``--debug``
 shows the traceback. SIGTERM is turned into an exception so temporary folders are removed.
@@ -12,21 +12,21 @@ import signal
 import sys
 import traceback
 
-from .errors import StarliftError
+from starlift.core.errors import StarliftError
 
 # subcommand -> (module with add_arguments(parser) and main(args), one-line help)
 COMMANDS = {
-    "info": ("starlift.commands.info", "describe a checkpoint: parameters, bytes, KV-cache memory"),
-    "init-random": ("starlift.commands.init_random", "write a random-init checkpoint of a preset shape"),
-    "export": ("starlift.commands.export", "export a checkpoint to a validated ONNX artifact"),
-    "quantize": ("starlift.commands.quantize", "fp16/int8/int4 artifacts with their quality measured"),
-    "verify": ("starlift.commands.verify", "check an artifact's hashes, file names and ONNX graph"),
-    "generate": ("starlift.commands.generate", "generate text or fill in the middle on any backend"),
-    "parity": ("starlift.commands.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
-    "bench": ("starlift.commands.bench", "decode speed, TTFT, batch throughput, RSS and roofline vs peers"),
-    "profile": ("starlift.commands.profile", "where a decode step's time goes: ORT kernels by op, framework, Python"),
-    "soak": ("starlift.commands.soak", "thousands of generations in one process, RSS sampled (leak check)"),
-    "demo": ("starlift.commands.demo", "the main job end to end on the embedded default model"),
+    "info": ("starlift.cli.info", "describe a checkpoint: parameters, bytes, KV-cache memory"),
+    "init-random": ("starlift.cli.init_random", "write a random-init checkpoint of a preset shape"),
+    "export": ("starlift.cli.export", "export a checkpoint to a validated ONNX artifact"),
+    "quantize": ("starlift.cli.quantize", "fp16/int8/int4 artifacts with their quality measured"),
+    "verify": ("starlift.cli.verify", "check an artifact's hashes, file names and ONNX graph"),
+    "generate": ("starlift.cli.generate", "generate text or fill in the middle on any backend"),
+    "parity": ("starlift.cli.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
+    "bench": ("starlift.cli.bench", "decode speed, TTFT, batch throughput, RSS and roofline vs peers"),
+    "profile": ("starlift.cli.profile", "where a decode step's time goes: ORT kernels by op, framework, Python"),
+    "soak": ("starlift.cli.soak", "thousands of generations in one process, RSS sampled (leak check)"),
+    "demo": ("starlift.cli.demo", "the main job end to end on the embedded default model"),
 }
 
 
@@ -39,7 +39,7 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the fault tes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from starlift import __version__
 
     parser = argparse.ArgumentParser(
         prog="starlift",
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the console script: huge pages for the weights (see hugepages.py)
-        from .hugepages import reexec_with_huge_pages
+        from starlift.core.hugepages import reexec_with_huge_pages
 
         reexec_with_huge_pages()
     parser = build_parser()

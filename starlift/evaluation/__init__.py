@@ -1,0 +1,1 @@
+"""Measuring artifacts against the reference: parity (teacher-forced logits) and quality."""
