@@ -19,6 +19,7 @@ import numpy as np
 from starlift.core.artifact import MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
+from starlift.core.signing import check_signing_key, sign_artifact
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
 from starlift.model.checkpoint import weight_files
 
@@ -48,8 +49,10 @@ def _progress(total: int, enabled: bool):
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str = "portable", dtype: str = "fp32",
                       opset: int = 18, force: bool = False, progress: bool = True, validate_steps: int = 8,
-                      allow_pickle: bool = False) -> dict[str, Any]:
-    """Export ``checkpoint`` to the artifact folder ``out``; returns the manifest."""
+                      allow_pickle: bool = False, sign_key: str | Path | None = None) -> dict[str, Any]:
+    """Export ``checkpoint`` to the artifact folder ``out``; returns the manifest.
+
+    ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
     import onnx_ir as ir
 
     if flavour not in flavours.FLAVOURS:
@@ -61,6 +64,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     folder = resolve_checkpoint(checkpoint)
     config = Starcoder2Config.from_hf(folder)  # fail on a bad config before any heavy work
     check_output_dir(out, force)
+    if sign_key is not None:
+        check_signing_key(sign_key)  # a wrong key fails now, not after the export
 
     stages = ["load", "reference", "trace", "optimize", "save", "validate", "package"]
     bar = _progress(len(stages), progress)
@@ -121,6 +126,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             _package(folder, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
                      validation=validation)
             manifest = verify(tmp)
+            if sign_key is not None:
+                sign_artifact(tmp, sign_key)
             bar.update()
     finally:
         bar.close()

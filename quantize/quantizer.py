@@ -21,6 +21,7 @@ import numpy as np
 from starlift.core.artifact import MODEL_FILE, past_names, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir
+from starlift.core.signing import check_signing_key, sign_artifact
 
 MODES = ("fp16", "bf16", "int8", "int4")
 ALGOS = ("rtn", "hqq", "gptq")
@@ -136,8 +137,10 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                       accuracy_level: int | None = 4, symmetric: bool = False, int8_method: str = "nbits",
                       head_bits: int = 8, head_block_size: int | None = None, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
-                      progress: bool = True) -> dict[str, Any]:
-    """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest."""
+                      progress: bool = True, sign_key: str | Path | None = None) -> dict[str, Any]:
+    """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest.
+
+    ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
     import onnx
 
     src = Path(src)
@@ -166,6 +169,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
         raise UsageError(f"{src} is a {manifest.get('precision')} artifact; quantize from an fp32 export")
     check_output_dir(out, force)
+    if sign_key is not None:
+        check_signing_key(sign_key)  # a wrong key fails now, not after the quantization
     config = json.loads((src / "config.json").read_text())
     tokenizer = None
     if (src / "tokenizer.json").is_file():
@@ -258,6 +263,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                     f"{quality['top1_agreement']:.3f} (gate >= {top1_min}), mean KL {quality['mean_kl']:.3g} "
                     f"(gate <= {kl_max}); {out} was not written. Try a smaller --block-size, --algo hqq/gptq, or "
                     "pass --allow-quality-loss to keep it anyway")
+            if sign_key is not None:
+                sign_artifact(tmp, sign_key)
             bar.update()
     finally:
         bar.close()

@@ -50,8 +50,9 @@ class OpenVinoRunner(Runner):
         def shape(port):
             return tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
 
-        inputs = {p.get_any_name(): shape(p) for p in self.model.inputs}
-        outputs = {p.get_any_name(): shape(p) for p in self.model.outputs}
+        # every name of every port: a port may carry several (bf16 graphs name logits "logits" and "linear_N")
+        inputs = {n: shape(p) for p in self.model.inputs for n in p.get_names()}
+        outputs = {n: shape(p) for p in self.model.outputs for n in p.get_names()}
         layers, kv_heads, head_dim = kv_inputs_from_names(inputs)
         kv_port = next(p for p in self.model.inputs if p.get_any_name().startswith("past_key_values."))
         kv_type = kv_port.get_element_type().get_type_name()

@@ -29,10 +29,13 @@ def _eos(folder: Path) -> int | None:
     return None
 
 
-def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool = True, **options) -> Generator:
+def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool = True,
+         public_key: str | Path | None = None, **options) -> Generator:
     """A Generator for an artifact folder (ONNX backends) or a checkpoint folder / bundled name (torch).
 
     Artifacts are verified against their manifest first (``verify_artifact=False`` skips it).
+    ``public_key`` (a trusted signer's public key file, or a folder of them) also requires a valid
+    signature over the manifest, checked before any byte of the model is read.
     ``options`` go to the runner (e.g. ``threads``, ``providers``, ``precision``).
     """
     if backend not in BACKENDS:
@@ -42,9 +45,14 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
         if backend == "torch":
             raise UsageError(f"{folder} is an ONNX artifact; the torch backend runs a checkpoint folder "
                              "(the one the artifact was exported from)")
-        if verify_artifact:
+        if public_key is not None:
+            verify(folder, check_onnx=False, public_key=public_key)
+        elif verify_artifact:
             verify(folder, check_onnx=False)
     else:
+        if public_key is not None:
+            raise UsageError(f"{path} is not a starlift artifact (no manifest.json), so it carries no signature to "
+                             "check against the public key; export it and sign the artifact")
         folder = resolve_checkpoint(path)
         if BACKENDS[backend][2]:
             raise UsageError(f"{path} is a checkpoint, not an exported artifact; the {backend} backend needs one: "

@@ -71,7 +71,7 @@ class OpenVinoDecoder(OrtDecoder):
             feed = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end],
                     "position_ids": pos[:, start:end], **past}
             res = request.infer(feed)
-            by_name = {k.get_any_name(): v for k, v in res.items()}
+            by_name = {n: v for k, v in res.items() for n in k.get_names()}
             out.append(by_name["logits"])
             past = {n.replace("present.", "past_key_values."): by_name[n].copy() for n in self.present}
             start = end

@@ -154,7 +154,7 @@ def test_half_precision_exports(tmp_path, varied_checkpoint, dtype, flavour):
             for kv in ("key", "value"):
                 feed[f"past_key_values.{i}.{kv}"] = ov.Tensor(ov.Type.bf16, [1, 2, 0, 8])
         res = compiled(feed)
-        logits = next(v for k, v in res.items() if k.get_any_name() == "logits")
+        logits = next(v for k, v in res.items() if "logits" in k.get_names())  # a port may carry several names
         assert np.isfinite(logits).all()
 
 

@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="portable: standard ONNX ops for any runtime; ort: fused for ONNX Runtime")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
+                   "(see `starlift keygen`)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle weights (*.bin); they are loaded with weights_only=True")
@@ -22,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     from starlift.export import export_checkpoint
 
     manifest = export_checkpoint(args.checkpoint, args.out, flavour=args.flavour, dtype=args.dtype, opset=args.opset,
-                                 force=args.force, progress=not args.no_progress, allow_pickle=args.allow_pickle)
+                                 force=args.force, sign_key=args.sign_key, progress=not args.no_progress, allow_pickle=args.allow_pickle)
     v = manifest["validation"]
     verdict = (f"max |logit error| {v['max_abs_error']:.2e} <= {v['tolerance']:g}" if v.get("passed")
                else f"not validated ({v.get('skipped')})")

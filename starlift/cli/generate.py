@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-verify", action="store_true", help="skip the artifact's hash check")
+    p.add_argument("--public-key", default=None,
+                   help="refuse the artifact unless it is signed by this public key (KEY.pub) or one in this folder")
 
 
 def _read_prompt_file(path: str) -> str:
@@ -55,7 +57,8 @@ def main(args: argparse.Namespace) -> int:
     from starlift.engine.generation import SamplingParams
 
     SamplingParams(**{k: v for k, v in sampling.items() if k != "truncate"})  # bad values fail before loading
-    gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify, **options)
+    gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify,
+                        public_key=args.public_key, **options)
     if args.fim_prefix is not None:
         print(gen.fim(args.fim_prefix, args.fim_suffix, stop=args.stop, **sampling))
         return 0

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
     p.add_argument("--exclude", action="append", default=None, help="node name to keep in float (repeatable)")
     p.add_argument("--allow-quality-loss", action="store_true", help="keep the output even below the quality gate")
+    p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
+                   "(see `starlift keygen`)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -40,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
                           accuracy_level=args.accuracy_level, symmetric=args.symmetric,
                           int8_method=args.int8_method, head_bits=args.head_bits,
                           head_block_size=args.head_block_size, calibration=args.calibration,
-                          exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force,
+                          exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force, sign_key=args.sign_key,
                           allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
     q = m["quality"]
     print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "

@@ -1,4 +1,5 @@
-"""``starlift verify ARTIFACT``: re-hash every file, refuse names leaving the folder, run the ONNX checker."""
+"""``starlift verify ARTIFACT [--public-key PUB]``: re-hash every file, refuse names leaving the folder,
+run the ONNX checker; with a public key, check the manifest's signature and refuse unlisted files."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact folder written by starlift export / quantize")
+    p.add_argument("--public-key", default=None,
+                   help="trusted signer's public key (KEY.pub) or a folder of them: also require a valid signature "
+                        "(default: hashes only, which catch corruption but not tampering)")
 
 
 def main(args: argparse.Namespace) -> int:
     from starlift.core.artifact import verify
 
-    manifest = verify(args.artifact)
-    print(f"{args.artifact}: OK ({len(manifest['files'])} files, {manifest.get('flavour')} {manifest.get('dtype')})")
+    manifest = verify(args.artifact, public_key=args.public_key)
+    signed = ", signature OK" if args.public_key else ""
+    print(f"{args.artifact}: OK ({len(manifest['files'])} files, {manifest.get('flavour')} {manifest.get('dtype')}"
+          f"{signed})")
     return 0

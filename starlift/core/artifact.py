@@ -45,21 +45,23 @@ def _safe_member(folder: Path, name: str) -> Path:
 
 def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Hash every file in ``folder`` and write manifest.json with ``info``."""
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    from .signing import SIGNATURE
+
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
     manifest = {"format": FORMAT, "files": files, **info}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def read_manifest(folder: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """The parsed manifest of ``folder`` (from ``data`` when the caller already read, and checked, its bytes)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"{folder} is not an artifact folder; pass the folder `starlift export` wrote")
     path = folder / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing: {folder} is not a starlift artifact (re-export it)")
+    if data is None:
+        data = _manifest_bytes(folder)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); the artifact is damaged, re-export it") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -70,11 +72,34 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(folder: str | Path, check_onnx: bool = True) -> dict[str, Any]:
-    """Re-hash every file the manifest names, refuse names leaving the folder, run the ONNX checker."""
+def _manifest_bytes(folder: Path) -> bytes:
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not an artifact folder; pass the folder `starlift export` wrote")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {folder} is not a starlift artifact (re-export it)")
+    return path.read_bytes()
+
+
+def verify(folder: str | Path, check_onnx: bool = True, public_key: str | Path | None = None) -> dict[str, Any]:
+    """Re-hash every file the manifest names, refuse names leaving the folder, run the ONNX checker.
+
+    With ``public_key`` (a public-key file or a folder of trusted ones) the manifest's signature is
+    checked first, over the very bytes then parsed, and files the manifest does not list are refused.
+    """
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    data = _manifest_bytes(folder)
+    if public_key is not None:
+        from .signing import SIGNATURE, check_signature, trusted_keys
+
+        check_signature(folder, data, trusted_keys(public_key))
+    manifest = read_manifest(folder, data)
     paths = {name: _safe_member(folder, name) for name in manifest["files"]}  # every name before any hash
+    if public_key is not None:
+        unlisted = sorted(p.name for p in folder.iterdir() if p.name not in paths and p.name not in (MANIFEST, SIGNATURE))
+        if unlisted:
+            raise ArtifactError(f"{folder} holds {', '.join(unlisted)}, which the signed manifest does not list; "
+                                "remove it or re-export and re-sign the artifact")
     for name, expected in manifest["files"].items():
         path = paths[name]
         if not path.is_file():
