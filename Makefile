@@ -7,7 +7,7 @@ TORCH = torch==2.13.0
 
 OPTIMUM_VENV ?= .venv-optimum
 
-.PHONY: demo test optimum-venv
+.PHONY: demo test docs optimum-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(VENV)/bin/python
 test: $(VENV)/bin/python optimum-venv
 	$(PIP) install -q $(TORCH) -e ".[test]"
 	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+
+# The documentation site (MkDocs + mkdocstrings), warnings as errors: into site/.
+docs: $(VENV)/bin/python
+	$(PIP) install -q $(TORCH) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # optimum-onnx (the `starlift bench --optimum` peer) needs transformers<4.58, so it lives in its own
 # venv, run as a subprocess by starlift/optimum_worker.py. The inner .gitignore keeps git
