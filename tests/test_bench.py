@@ -36,7 +36,7 @@ def test_bench_smoke(tmp_path):
         assert 0 < r["roofline_fraction"]
     assert report["machine"]["memory_bandwidth_bytes_per_s"] > 1e8
     # the console script restarted itself with glibc's huge-page tunable where THP is "madvise"
-    from starlift import hugepages
+    from starlift.core import hugepages
 
     mode = hugepages.thp_mode()
     assert report["machine"]["transparent_huge_pages"] == (
@@ -185,7 +185,7 @@ def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
     report = bench.run([str(tmp_path / "art")], ["onnxruntime", "openvino"], prompt_len=8, new_tokens=4,
                        batches=(1,), reps=1, positions=[8], progress=False, sequential=True, peers_reference=str(ckpt))
     assert report["settings"]["interleaved"] is False
-    from starlift import hugepages
+    from starlift.core import hugepages
 
     assert report["machine"]["transparent_huge_pages"] == hugepages.active()  # in-process: no restart
     assert [r["backend"] for r in report["results"]] == ["onnxruntime", "openvino", "transformers"]
