@@ -1,19 +1,34 @@
-"""The reference StarCoder2: config, PyTorch module, checkpoint I/O, tokenizer."""
+"""The reference StarCoder2: config, PyTorch module, checkpoint I/O, tokenizer.
 
-from .checkpoint import (
-    bundled_checkpoints,
-    init_random,
-    load_checkpoint,
-    random_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from .config import PRESETS, Starcoder2Config, preset
-from .modeling import Starcoder2, attention_allowed, default_position_ids
-from .tokenizer import StreamDecoder, Tokenizer
+Names load on first use (PEP 562): ``from starlift.model import Tokenizer`` or
+``resolve_checkpoint`` never imports torch, so the runtime-only install can use them; the
+PyTorch pieces (``Starcoder2``, ``load_checkpoint``, ...) import it when asked for.
+"""
 
-__all__ = [
-    "PRESETS", "Starcoder2", "Starcoder2Config", "StreamDecoder", "Tokenizer", "attention_allowed",
-    "bundled_checkpoints", "default_position_ids", "init_random", "load_checkpoint", "preset",
-    "random_checkpoint", "resolve_checkpoint", "save_checkpoint",
-]
+from __future__ import annotations
+
+import importlib
+
+# public name -> the submodule that defines it
+_WHERE = {
+    "PRESETS": "config", "Starcoder2Config": "config", "preset": "config",
+    "bundled_checkpoints": "folders", "resolve_checkpoint": "folders", "weight_files": "folders",
+    "StreamDecoder": "tokenizer", "Tokenizer": "tokenizer",
+    "Starcoder2": "modeling", "attention_allowed": "modeling", "default_position_ids": "modeling",
+    "init_random": "checkpoint", "load_checkpoint": "checkpoint", "random_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value  # cached: the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -12,7 +12,6 @@ import math
 import mmap
 import struct
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from starlift.core.errors import CheckpointError, UsageError
 from starlift.core.fsutil import atomic_output_dir
 
 from .config import PRESETS, Starcoder2Config
+from .folders import PICKLE_SUFFIXES, bundled_checkpoints, resolve_checkpoint, weight_files  # noqa: F401 (re-exported)
 from .modeling import RotaryEmbedding, Starcoder2
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -34,29 +34,6 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def bundled_checkpoints() -> dict[str, Path]:
-    """Checkpoints shipped inside the package, by name (e.g. ``starcoder2-nano``)."""
-    root = Path(str(resources.files("starlift") / "checkpoints"))
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a path or a bundled name; a clear error otherwise."""
-    p = Path(path)
-    if p.is_dir():
-        return p
-    bundled = bundled_checkpoints()
-    if str(path) in bundled:
-        return bundled[str(path)]
-    if p.exists():
-        raise UsageError(f"{p} is a file; pass the checkpoint folder that holds config.json and the weights")
-    names = ", ".join(bundled) or "none installed"
-    raise UsageError(f"{path} is neither a checkpoint folder nor a bundled checkpoint (bundled: {names})")
 
 
 # ---- safetensors, read by hand ---------------------------------------------------------------
@@ -122,37 +99,6 @@ def mmap_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
         yield name, raw.view(dtype).reshape(info["shape"])
-
-
-def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-save the checkpoint") from e
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if Path(name).name != name:
-                raise CheckpointError(f"{index} names {name!r}, which is outside the checkpoint folder")
-            if not (folder / name).is_file():
-                raise CheckpointError(f"{folder}: shard {name} named by the index is missing; copy the whole checkpoint")
-        return [folder / name for name in files]
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{folder} has only pickle weights ({', '.join(p.name for p in pickles)}), which can run "
-                "arbitrary code when loaded; convert them to safetensors, or pass allow_pickle=True "
-                "(--allow-pickle) if you trust their source (they are then loaded with weights_only=True)"
-            )
-        return pickles
-    raise CheckpointError(
-        f"{folder} has no weights: expected model.safetensors or model.safetensors.index.json with its shards"
-    )
 
 
 def iter_checkpoint_tensors(folder: Path, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:

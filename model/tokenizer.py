@@ -32,7 +32,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Tokenizer:
-        from .checkpoint import resolve_checkpoint
+        from .folders import resolve_checkpoint
 
         return cls.from_file(resolve_checkpoint(folder) / "tokenizer.json")
 

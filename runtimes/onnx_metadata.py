@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from starlift.core.artifact import shares_kv_buffer
 from starlift.core.errors import StarliftError
 
 from .base import ModelMeta, kv_inputs_from_names
@@ -36,3 +37,20 @@ def meta_from_io(inputs: dict[str, tuple], outputs: dict[str, tuple], kv_type: s
     if np_type is None:
         raise StarliftError(f"{model_path}: KV cache type {kv_type} is not supported by this runner")
     return ModelMeta(layers, kv_heads, head_dim, vocab, np.dtype(np_type), artifact_context(model_path))
+
+
+def has_group_query_attention(model_path: Path) -> bool:
+    """Whether the graph runs attention in GroupQueryAttention, which can update a shared KV
+    buffer in place. An artifact's manifest says so (the core install has no ``onnx`` to read the
+    graph with, and needs none); a bare ONNX file is read with ``onnx`` when it is installed (the
+    graph only, no weights) and otherwise taken as a concat graph, which is always correct, only
+    slower for a GQA graph."""
+    shared = shares_kv_buffer(model_path)
+    if shared is not None:
+        return shared
+    try:
+        import onnx
+    except ImportError:
+        return False
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(n.op_type == "GroupQueryAttention" for n in graph.node)

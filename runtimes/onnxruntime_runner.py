@@ -20,7 +20,7 @@ from starlift.core.artifact import past_names, present_names
 from starlift.core.errors import UsageError
 
 from .base import ModelMeta, Runner
-from .onnx_metadata import meta_from_io
+from .onnx_metadata import has_group_query_attention, meta_from_io
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
@@ -84,10 +84,7 @@ class OnnxRuntimeRunner(Runner):
         outputs = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         meta = meta_from_io(inputs, outputs, kv_type, self.model_path)
-        import onnx
-
-        graph = onnx.load(str(self.model_path), load_external_data=False).graph  # the graph only: small
-        self._gqa = any(n.op_type == "GroupQueryAttention" for n in graph.node)
+        self._gqa = has_group_query_attention(self.model_path)
         self._float_logits = next(o.type for o in self.session.get_outputs() if o.name == "logits") == "tensor(float)"
         if self.kv_buffer == "shared" and not self._gqa:
             raise UsageError(f"{self.model_path} concatenates its KV cache in the graph (portable flavour); an in-place "

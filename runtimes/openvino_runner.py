@@ -12,6 +12,7 @@ import numpy as np
 
 from starlift.core.artifact import past_names, present_names
 from starlift.core.errors import StarliftError, UsageError
+from starlift.core.extras import require
 
 from .base import ModelMeta, Runner
 from .onnx_metadata import artifact_context, kv_inputs_from_names
@@ -29,10 +30,9 @@ class OpenVinoRunner(Runner):
         self.model_path, self.device, self.precision, self.threads = Path(model_path), device, PRECISIONS[precision], threads
 
     def _activate_impl(self) -> None:
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise StarliftError("the openvino backend needs the openvino package: pip install 'starlift[openvino]'") from e
+        require("openvino", purpose="the openvino backend")
+        import openvino as ov
+
         core = ov.Core()
         model = core.read_model(str(self.model_path))
         config = {"INFERENCE_PRECISION_HINT": self.precision}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from starlift.core.extras import require
+
 from .base import ModelMeta, Runner
 
 _NP_KV = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
@@ -19,6 +21,7 @@ class TorchRunner(Runner):
         self._past = None
 
     def _activate_impl(self) -> None:
+        require("torch", "safetensors", purpose="the torch backend")
         import torch
 
         from starlift.model import load_checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 from starlift.core.artifact import MANIFEST, verify
 from starlift.core.errors import UsageError
 from starlift.engine.generation import Generator
-from starlift.model.checkpoint import resolve_checkpoint
+from starlift.model.folders import resolve_checkpoint
 from starlift.model.tokenizer import Tokenizer
 from starlift.runtimes import BACKENDS, create_runner
 
@@ -29,14 +29,19 @@ def _eos(folder: Path) -> int | None:
     return None
 
 
-def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool = True,
+def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool | str = True,
          public_key: str | Path | None = None, **options) -> Generator:
-    """A Generator for an artifact folder (ONNX backends) or a checkpoint folder / bundled name (torch).
+    """A Generator for an artifact folder (ONNX backends) or a checkpoint folder / bundled name /
+    Hub id in the local Hugging Face cache (torch).
 
-    Artifacts are verified against their manifest first (``verify_artifact=False`` skips it).
-    ``public_key`` (a trusted signer's public key file, or a folder of them) also requires a valid
-    signature over the manifest, checked before any byte of the model is read.
-    ``options`` go to the runner (e.g. ``threads``, ``providers``, ``precision``).
+    Artifacts are checked against their manifest first. The first load hashes every file; later
+    loads trust a size/mtime/ctime/inode stamp of the files as they were when last hashed intact
+    and hash again as soon as any file changed (see ``starlift.core.artifact.verify``).
+    ``verify_artifact="full"`` hashes every byte anyway, ``False`` skips the check: a corrupted
+    weight file then runs without any error. ``public_key`` (a trusted signer's public key file,
+    or a folder of them) also requires a valid signature over the manifest, checked before any
+    byte of the model is read. ``options`` go to the runner (e.g. ``threads``, ``providers``,
+    ``precision``).
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
@@ -45,10 +50,10 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
         if backend == "torch":
             raise UsageError(f"{folder} is an ONNX artifact; the torch backend runs a checkpoint folder "
                              "(the one the artifact was exported from)")
-        if public_key is not None:
-            verify(folder, check_onnx=False, public_key=public_key)
-        elif verify_artifact:
-            verify(folder, check_onnx=False)
+        if verify_artifact not in (True, False, "full"):
+            raise UsageError(f"verify_artifact must be True, False or 'full', got {verify_artifact!r}")
+        if public_key is not None or verify_artifact:
+            verify(folder, check_onnx=False, public_key=public_key, fast=verify_artifact is True)
     else:
         if public_key is not None:
             raise UsageError(f"{path} is not a starlift artifact (no manifest.json), so it carries no signature to "

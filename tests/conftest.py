@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,30 @@ def load_hf(path: Path):
     import transformers
 
     return transformers.Starcoder2ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Verification stamps (starlift.core.artifact.stamp_path) go to a folder of this session, for
+    the subprocesses too, never into the user's ~/.cache."""
+    old = os.environ.get("STARLIFT_CACHE_DIR")
+    os.environ["STARLIFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("starlift-cache"))
+    yield
+    if old is None:
+        os.environ.pop("STARLIFT_CACHE_DIR", None)
+    else:
+        os.environ["STARLIFT_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def nano_ort(tmp_path_factory) -> Path:
+    """The bundled, trained starcoder2-nano exported once per session (ort flavour). Read-only:
+    tests that change an artifact make their own."""
+    from starlift.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("nano") / "ort"
+    export_checkpoint("starcoder2-nano", out, flavour="ort", progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ it lives in the top-level package: runtimes never import export.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -81,11 +82,59 @@ def _manifest_bytes(folder: Path) -> bytes:
     return path.read_bytes()
 
 
-def verify(folder: str | Path, check_onnx: bool = True, public_key: str | Path | None = None) -> dict[str, Any]:
-    """Re-hash every file the manifest names, refuse names leaving the folder, run the ONNX checker.
+def stamp_path(folder: str | Path) -> Path:
+    """Where the verification stamp of ``folder`` is kept: the user's cache (``STARLIFT_CACHE_DIR``,
+    else ``XDG_CACHE_HOME/starlift``, else ``~/.cache/starlift``), never the artifact folder,
+    which a service may only be able to read."""
+    root = os.environ.get("STARLIFT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "starlift"
+    key = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:32]
+    return Path(root).expanduser() / "verified" / f"{key}.json"
+
+
+def _file_stamps(paths: dict[str, Path]) -> dict[str, list[int]]:
+    """size, mtime, ctime, inode and device of every file: any write, copy, move, chmod or touch
+    changes at least one (ctime cannot be set back by a program)."""
+    stamps = {}
+    for name, path in paths.items():
+        st = path.stat()
+        stamps[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    return stamps
+
+
+def _stamp_matches(folder: Path, manifest_sha: str, paths: dict[str, Path]) -> bool:
+    try:
+        stamp = json.loads(stamp_path(folder).read_text())
+        return (stamp.get("folder") == str(folder.resolve()) and stamp.get("manifest_sha256") == manifest_sha
+                and stamp.get("files") == _file_stamps(paths))
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(folder: Path, manifest_sha: str, paths: dict[str, Path]) -> None:
+    path = stamp_path(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"folder": str(folder.resolve()), "manifest_sha256": manifest_sha,
+                                   "files": _file_stamps(paths)}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a full hash on the next load
+
+
+def verify(folder: str | Path, check_onnx: bool = True, public_key: str | Path | None = None, *,
+           fast: bool = False, stamp: bool = True) -> dict[str, Any]:
+    """Check every file the manifest names against its sha256, refuse names leaving the folder,
+    run the ONNX checker (``check_onnx``, when the ``onnx`` package is installed).
 
     With ``public_key`` (a public-key file or a folder of trusted ones) the manifest's signature is
     checked first, over the very bytes then parsed, and files the manifest does not list are refused.
+
+    ``fast`` (what loading does): when the files still have the size, mtime, ctime and inode
+    recorded the last time they were all hashed and found to match this very manifest, they are
+    not hashed again; any write, copy or touch since then brings the full hash back. Without
+    ``fast`` (``starlift verify``) every byte is hashed. Either way a full hash that passes records
+    the stamp (unless ``stamp=False``: an exporter checking its temporary folder).
     """
     folder = Path(folder)
     data = _manifest_bytes(folder)
@@ -100,26 +149,53 @@ def verify(folder: str | Path, check_onnx: bool = True, public_key: str | Path |
         if unlisted:
             raise ArtifactError(f"{folder} holds {', '.join(unlisted)}, which the signed manifest does not list; "
                                 "remove it or re-export and re-sign the artifact")
-    for name, expected in manifest["files"].items():
-        path = paths[name]
+    for path in paths.values():
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; the artifact is incomplete (copy it whole or re-export it)")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ArtifactError(f"{path} does not match its sha256 in the manifest (expected {expected[:12]}..., "
-                                f"got {actual[:12]}...): the file was changed or corrupted; re-export it")
     for required in (MODEL_FILE, "config.json"):
         if required not in manifest["files"]:
             raise ArtifactError(f"{folder}: the manifest lists no {required}; the artifact is incomplete")
+    manifest_sha = hashlib.sha256(data).hexdigest()
+    if not (fast and _stamp_matches(folder, manifest_sha, paths)):
+        for name, expected in manifest["files"].items():
+            actual = sha256_file(paths[name])
+            if actual != expected:
+                raise ArtifactError(f"{paths[name]} does not match its sha256 in the manifest (expected "
+                                    f"{expected[:12]}..., got {actual[:12]}...): the file was changed or corrupted; "
+                                    "re-export it")
+        if stamp:
+            _write_stamp(folder, manifest_sha, paths)
     if check_onnx:
-        import onnx
-
-        try:  # on the path, not a loaded proto: models over 2 GB have external data
-            onnx.checker.check_model(str(folder / MODEL_FILE))
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{folder / MODEL_FILE} fails the ONNX checker: {first}") from e
+        try:
+            import onnx
+        except ImportError:
+            manifest = {**manifest, "onnx_checker": "ONNX checker skipped: the onnx package is not installed "
+                                                    "(pip install 'starlift[quantize]')"}
+        else:
+            try:  # on the path, not a loaded proto: models over 2 GB have external data
+                onnx.checker.check_model(str(folder / MODEL_FILE))
+            except onnx.checker.ValidationError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ArtifactError(f"{folder / MODEL_FILE} fails the ONNX checker: {first}") from e
     return manifest
+
+
+def shares_kv_buffer(model_path: str | Path) -> bool | None:
+    """Whether the artifact around ``model_path`` says its graph updates a shared past/present
+    buffer in place (GroupQueryAttention: ``kv_cache.shared_buffer``, written by the exporter from
+    the fused graph; older ort-flavour manifests only say ``flavour: ort``). None when there is no
+    manifest to ask (a bare ONNX file)."""
+    path = Path(model_path).parent / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); the artifact is damaged, re-export it") from e
+    kv = manifest.get("kv_cache") if isinstance(manifest, dict) else None
+    if isinstance(kv, dict) and "shared_buffer" in kv:
+        return bool(kv["shared_buffer"])
+    return manifest.get("flavour") == "ort" if isinstance(manifest, dict) else None
 
 
 def genai_config(config, *, flavour: str, share_buffer: bool, eos_token_id: int | None,
