@@ -42,9 +42,9 @@ def _versions() -> dict[str, str]:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from starlift.core.progress import progress_bar
 
-    return tqdm(total=total, desc="export", unit="stage", disable=not enabled, leave=False)
+    return progress_bar(total=total, desc="export", unit="stage", enabled=enabled)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str = "portable", dtype: str = "fp32",
@@ -125,7 +125,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             stage("package")
             _package(folder, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
                      validation=validation)
-            manifest = verify(tmp)
+            manifest = verify(tmp, stamp=False)
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
             bar.update()

@@ -1,4 +1,5 @@
-"""The console script: help, info, init-random, error lines and exit codes; a real pip install."""
+"""The console script: help, info, init-random, error lines and exit codes, what a new user meets first
+(output folders, --help, Ctrl-C, the README's commands, Hub ids). The real pip install: test_install.py."""
 
 from __future__ import annotations
 
@@ -67,22 +68,129 @@ def test_errors_are_one_line(tmp_path):
     assert "Traceback" in proc.stderr
 
 
-@pytest.mark.slow
-def test_pip_install_into_fresh_venv(tmp_path):
-    """`pip install .` (not editable) into a new venv, then `starlift --help`."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = venv / "bin" / "pip"
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    proc = subprocess.run([str(pip), "install", "-q", "torch==2.13.0", str(REPO)], capture_output=True, text=True,
-                          env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = subprocess.run([str(venv / "bin" / "starlift"), "--help"], capture_output=True, text=True, check=True)
-    assert "init-random" in out.stdout
-    # The stage folders install as subpackages of starlift, never as top-level names.
-    site = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           "import starlift.model, starlift.export, starlift.runtimes, starlift.quantize, "
-                           "importlib.util as u; print(u.find_spec('model'), u.find_spec('export'), "
-                           "list(starlift.model.bundled_checkpoints()))"],
-                          capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert site.stdout.strip() == "None None ['starcoder2-nano']"  # the bundled model ships in the wheel
+def _subparsers():
+    from starlift.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_is_described_with_its_default():
+    missing, no_default = [], []
+    for name, sub in _subparsers().items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.dest in ("help", "debug"):
+                continue
+            flag = "/".join(action.option_strings) or action.dest
+            if not (action.help or "").strip():
+                missing.append(f"{name} {flag}")
+            elif action.option_strings and action.default not in (None, False) and "default" not in (
+                    sub._get_formatter()._get_help_string(action)):
+                no_default.append(f"{name} {flag}")
+        assert "(default: " in text or name in ("verify",), name
+    assert not missing, f"options without a description: {missing}"
+    assert not no_default, f"options whose help does not give the default: {no_default}"
+    generate = _subparsers()["generate"].format_help()
+    assert "{torch,onnxruntime,openvino,tensorrt}" in generate  # --backend lists its choices
+    assert "(default: 64)" in generate and "runs silently" in generate  # --max-new-tokens, --no-verify
+
+
+def test_output_folders_get_parents_and_umask_permissions(tiny_checkpoint, tmp_path):
+    """`starlift export CKPT out/a/b`: the missing parents are made, the artifact folder gets what
+    the umask gives a new folder (not mkdtemp's 0700), and no progress bar lands in a pipe."""
+    import os
+
+    out = tmp_path / "fresh" / "clone" / "out"
+
+    def umask():
+        os.umask(0o027)
+
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run([str(exe), "export", str(tiny_checkpoint), str(out)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=umask)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # stderr is a pipe: no tqdm bar, no warnings
+    assert (out / "manifest.json").is_file() and proc.stdout.startswith(f"wrote {out}")
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert (out / "model.onnx").stat().st_mode & 0o777 == 0o640
+    assert out.parent.stat().st_mode & 0o777 == 0o750
+
+
+def test_interrupted_generate_says_only_that(nano_ort):
+    """Ctrl-C in `starlift generate` prints `interrupted` (it writes no output folder to speak of)."""
+    import signal
+    import time
+
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.Popen([str(exe), "generate", str(nano_ort), "--interactive"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()  # printed once the model is loaded
+        assert "one prompt per line" in banner
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert err.strip() == "starlift generate: interrupted"
+
+
+def test_readme_fim_command_works(nano_ort):
+    """The README's fill-in-the-middle line, run by bash as written: the prefix and suffix reach the
+    model with real newlines (the same middle as the API's)."""
+    import shlex
+
+    import starlift
+
+    line = next(x for x in (REPO / "README.md").read_text().splitlines()
+                if x.startswith("starlift generate") and "--fim-prefix" in x)
+    command = line.split("  #")[0].replace("out/nano", shlex.quote(str(nano_ort)), 1)
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{exe.parent}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    expected = starlift.load(nano_ort).fim("def f(x):\n    return ", "\n")
+    assert proc.stdout == expected + "\n" and expected.strip()
+
+
+def _hub_cache(root: Path, repo_id: str, source: Path) -> Path:
+    """A Hugging Face cache holding ``repo_id`` as huggingface_hub lays a download out: files in
+    blobs/ named by hash, snapshots/<commit>/ linking to them, refs/main naming the commit."""
+    import hashlib
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in source.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (repo / "snapshots" / commit / f.name).symlink_to(Path("../../blobs") / blob.name)
+    return repo / "snapshots" / commit
+
+
+def test_hub_ids_resolve_through_the_local_hf_cache(tiny_checkpoint, tmp_path):
+    cache = tmp_path / "hub"
+    snapshot = _hub_cache(cache, "bigcode/tiny-starcoder2", tiny_checkpoint)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run([str(exe), "info", "bigcode/tiny-starcoder2", "--json"], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["files"] == {"model.safetensors": (snapshot / "model.safetensors").stat().st_size}
+    hub = pytest.importorskip("huggingface_hub")  # its own scanner sees the same download
+    code = ("import huggingface_hub as h; r = [x for x in h.scan_cache_dir().repos][0]; "
+            "print(r.repo_id, [s.commit_hash for s in r.revisions])")
+    seen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert seen.stdout.split()[0] == "bigcode/tiny-starcoder2" and snapshot.name in seen.stdout, seen.stderr
+    del hub
+    proc = subprocess.run([str(exe), "info", "bigcode/starcoder2-3b"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "hf download bigcode/starcoder2-3b" in proc.stderr and str(cache) in proc.stderr

@@ -131,20 +131,26 @@ def test_artifact_damage_is_caught_before_loading(ckpt, tmp_path, damage):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--prompt", "x", "--temperature", "-1"], "temperature"),
-    (["--prompt", "x", "--top-p", "0"], "top_p"),
-    (["--prompt", "x", "--top-p", "1.5"], "top_p"),
-    (["--prompt", "x", "--top-k", "-3"], "top_k"),
-    (["--prompt", "x", "--backend", "nosuch"], "unknown backend"),
-    (["--prompt", "x", "--max-new-tokens", "100000"], "context"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--prompt", "x", "--top-k", "-3"], "--top-k must be"),
+    (["--prompt", "x", "--backend", "nosuch"], "invalid choice: 'nosuch'"),
+    (["--prompt", "x", "--max-new-tokens", "100000"], "lower --max-new-tokens, or pass --truncate"),
     (["--prompt", ""], "empty"),
     (["--fim-prefix", "a"], "go together"),
 ])
 def test_cli_bad_generation_input(text_gen, args, message):
+    """One line naming the problem with the command line's own spelling (flags, not the Python
+    keywords max_new_tokens / truncate=True)."""
     art = text_gen.source
     proc = subprocess.run([STARLIFT, "generate", str(art), *args], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert message in line and len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert "truncate=True" not in line and "max_new_tokens" not in line and "top_p" not in line
+    if "--backend" in args:  # the choices are listed
+        assert all(b in line for b in ("onnxruntime", "openvino", "tensorrt", "torch"))
 
 
 def test_invalid_utf8_prompt_file(text_gen, tmp_path):
@@ -220,3 +226,61 @@ def test_pickle_checkpoint_refused_by_export(ckpt, tmp_path):
     proc = subprocess.run([STARLIFT, "export", str(pk), str(tmp_path / "o"), "--allow-pickle", "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_transformers_keywords_map_or_name_the_starlift_way(text_gen):
+    greedy = text_gen.generate("def f(x):", max_new_tokens=8)
+    assert text_gen.generate("def f(x):", max_new_tokens=8, do_sample=False, num_beams=1,
+                             num_return_sequences=1) == greedy
+    sampled = text_gen.generate("def f(x):", max_new_tokens=8, do_sample=True, seed=3)  # transformers: T=1
+    assert sampled == text_gen.generate("def f(x):", max_new_tokens=8, temperature=1.0, seed=3)
+    full = text_gen.generate("def f(x):", max_new_tokens=12)
+    stop = full[4:6]
+    assert text_gen.generate("def f(x):", max_new_tokens=12, stop_strings=[stop]) == full[:full.find(stop)]
+    pipe = starlift.api.TextGenerationPipeline(text_gen)
+    assert pipe("def f(x):", max_new_tokens=8, do_sample=False)[0]["generated_text"] == "def f(x):" + greedy
+    for kwargs, named in [({"max_length": 20}, "max_new_tokens"), ({"num_return_sequences": 2}, "pass the prompt N times"),
+                          ({"num_beams": 4}, "beam search"), ({"streamer": object()}, "stream("),
+                          ({"eos_token_id": 0}, "ignore_eos=True"), ({"tempreature": 0.5}, "unknown argument")]:
+        with pytest.raises(UsageError, match=named.replace("(", r"\(")):
+            text_gen.generate("def f(x):", max_new_tokens=8, **kwargs)
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        list(text_gen.stream("def f(x):", max_length=20))
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        text_gen.fim("def f(x):", "\n", max_length=20)
+    assert text_gen.fim("a = ", "\n", max_new_tokens=4, do_sample=False) == text_gen.fim("a = ", "\n", max_new_tokens=4)
+
+
+def test_loading_hashes_once_then_trusts_an_unchanged_stamp(ckpt, tmp_path):
+    """The first load hashes every file and records a stamp (size, mtime, ctime, inode); the next
+    loads trust it while nothing changed. A write that keeps size and mtime still changes ctime:
+    the next load hashes again and refuses the file. `starlift verify` always hashes."""
+    import os
+
+    from starlift.core.artifact import stamp_path
+
+    art = tmp_path / "a"
+    export_checkpoint(ckpt, art, progress=False)
+    stamp = stamp_path(art)
+    assert not stamp.exists()  # the exporter records none for its temporary folder
+    starlift.load(art).close()
+    recorded = stamp.stat().st_mtime_ns
+    first = json.loads(stamp.read_text())
+    assert set(first["files"]) == set(json.loads((art / "manifest.json").read_text())["files"])
+    time.sleep(0.01)
+    starlift.load(art).close()
+    assert stamp.stat().st_mtime_ns == recorded  # trusted: not hashed again, nothing rewritten
+    data = art / "model.onnx.data"
+    before = data.stat()
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x10  # same size ...
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and mtime put back
+    assert data.stat().st_size == before.st_size and data.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(ArtifactError, match="sha256"):
+        starlift.load(art)
+    raw[len(raw) // 3] ^= 0x10  # restored: loads again, and `starlift verify` re-hashes every byte
+    data.write_bytes(bytes(raw))
+    starlift.load(art).close()
+    proc = subprocess.run([STARLIFT, "verify", str(art)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "files hashed" in proc.stdout and "ONNX checker passed" in proc.stdout

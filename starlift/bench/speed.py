@@ -446,10 +446,10 @@ def _activate(row: _Row, prompt_len: int) -> None:
 
 
 def _timed(rows, batches, reps, prompt_len, new_tokens, progress) -> None:
-    from tqdm.auto import tqdm
+    from starlift.core.progress import progress_bar
 
     work = [(row, batch) for _ in range(reps) for batch in batches for row in rows]
-    for row, batch in tqdm(work, desc="bench", disable=not progress, leave=False):
+    for row, batch in progress_bar(work, desc="bench", enabled=progress):
         r = _decode(row, batch, prompt_len, new_tokens)
         row.add(f"tokens_per_s@{batch}", r["decode_tokens_per_s"])
         if batch == 1:

@@ -7,21 +7,24 @@ import argparse
 import json
 
 from starlift.core.errors import UsageError
+from starlift.runtimes import BACKENDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", help="artifact folders")
-    p.add_argument("--backend", action="append", default=None, help="backend (repeatable; default onnxruntime)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("paths", nargs="+", help="artifact folders (every one is a row)")
+    p.add_argument("--backend", action="append", default=None, choices=list(BACKENDS),
+                   help="backend to run the artifacts on (repeatable; default: onnxruntime)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the timed decode")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per repetition")
     p.add_argument("--batch", default="1,4,8", help="comma-separated batch sizes (1 is always measured)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--positions", default=None, help="comma-separated cache positions for the latency curve")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per row and batch, interleaved; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own choice)")
+    p.add_argument("--positions", default=None,
+                   help="comma-separated cache positions for the step-latency curve (default: none measured)")
     p.add_argument("--peers", metavar="CHECKPOINT", default=None,
-                   help="also run transformers' eager Starcoder2ForCausalLM on this checkpoint (extra starlift[bench])")
+                   help="also run transformers' eager Starcoder2ForCausalLM on this checkpoint (default: no peers; needs starlift[bench])")
     p.add_argument("--genai", action="store_true",
-                   help="also run onnxruntime-genai's own generation loop on each artifact (a peer)")
+                   help="also run onnxruntime-genai's own generation loop on each artifact (a peer; needs starlift[genai])")
     p.add_argument("--optimum", metavar="PYTHON", default=None,
                    help="also run optimum-onnx's export of the --peers checkpoint (ORTModelForCausalLM; fp32, dynamic "
                         "int8, int4 MatMulNBits) through this interpreter, which must have optimum-onnx: it needs "
@@ -34,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action="store_true",
                    help="load and time one row at a time, for models that do not fit in memory together "
                         "(rows are then not interleaved)")
-    p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", default=None, help="write the report here (default: only the table is printed)")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib; default: no chart)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -19,7 +19,7 @@ FIM = ("def area(width, height):\n    return ", "\n\n\nprint(area(3, 4))\n")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="keep the demo's artifacts here (default: a temporary folder)")
     p.add_argument("--model", default="starcoder2-nano", help="checkpoint to run (default: the bundled nano model)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion")
 
 
 def _tokens_per_second(gen, prompt: str, n: int) -> float:

@@ -6,31 +6,40 @@ import argparse
 import sys
 
 from starlift.core.errors import UsageError
+from starlift.runtimes import BACKENDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="artifact folder, or checkpoint folder / bundled name with --backend torch")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime, openvino, tensorrt or torch")
+    p.add_argument("path", help="artifact folder, or a checkpoint folder / bundled name / cached Hub id with --backend torch")
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
+                   help="runtime to run on (openvino needs starlift[openvino], torch needs starlift[export])")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt", help="prompt text, taken as it is (in bash, $'...' turns \\n into a newline)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    src.add_argument("--fim-prefix", help="fill-in-the-middle: the code before the gap (with --fim-suffix)")
+    src.add_argument("--fim-prefix", help="fill-in-the-middle: the code before the gap (with --fim-suffix); taken as it "
+                     "is, like --prompt")
     src.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF (one per line)")
     p.add_argument("--fim-suffix", help="fill-in-the-middle: the code after the gap")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p (default: 1, all)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide seen tokens' positive logits by this, multiply negative ones (default: 1, off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one each run)")
+    p.add_argument("--stop", action="append", default=None, help="stop string, not included in the output (repeatable; default: none)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-verify", action="store_true", help="skip the artifact's hash check")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own choice)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the artifact against its manifest: a corrupted or altered weight file then "
+                        "runs silently, giving wrong text without any error (default: check; the first load hashes "
+                        "every file, later loads only their size/mtime/ctime stamp)")
     p.add_argument("--public-key", default=None,
-                   help="refuse the artifact unless it is signed by this public key (KEY.pub) or one in this folder")
+                   help="refuse the artifact unless it is signed by this public key (KEY.pub) or one in this folder "
+                        "(default: no signature required)")
 
 
 def _read_prompt_file(path: str) -> str:

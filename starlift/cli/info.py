@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from starlift.model.checkpoint import resolve_checkpoint, weight_files
 from starlift.model.config import PRESETS, Starcoder2Config, human_bytes
+from starlift.model.folders import resolve_checkpoint, weight_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder, bundled name, or preset name (e.g. starcoder2-3b)")
+    p.add_argument("checkpoint", help="checkpoint folder, bundled name, preset name (e.g. starcoder2-3b), or a Hub id "
+                   "already in the local Hugging Face cache")
     p.add_argument("--context", type=int, default=None,
                    help="tokens of context to size the KV cache for (default: the model's context)")
     p.add_argument("--batch", type=int, default=1, help="batch size for the KV-cache estimate")

@@ -8,18 +8,20 @@ from __future__ import annotations
 import argparse
 
 from starlift.core.errors import UsageError
+from starlift.runtimes import BACKENDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="artifact folder (or a checkpoint folder with --backend torch)")
     p.add_argument("--reference", required=True, help="the checkpoint the artifact must match")
-    p.add_argument("--backend", action="append", default=None,
+    p.add_argument("--backend", action="append", default=None, choices=list(BACKENDS),
                    help="backend to check (repeatable; default: onnxruntime)")
     p.add_argument("--text", default=None, help="a UTF-8 text file to teacher-force (default: built-in code)")
     p.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps")
-    p.add_argument("--greedy-steps", type=int, default=16)
-    p.add_argument("--precision", default=None, help="tolerance set (default: the artifact's precision)")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--greedy-steps", type=int, default=16, help="greedy tokens compared with the reference's")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8", "int4"],
+                   help="tolerance set (default: the artifact's precision)")
+    p.add_argument("--json", default=None, help="write the report as JSON here (default: only the table is printed)")
 
 
 def main(args: argparse.Namespace) -> int:

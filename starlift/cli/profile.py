@@ -9,13 +9,13 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact folder (runs on ONNX Runtime, CPU)")
-    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the measured steps")
     p.add_argument("--steps", type=int, default=64, help="decode steps measured after the prefill")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--reps", type=int, default=3, help="unprofiled repetitions; the fastest is reported")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own choice)")
     p.add_argument("--top", type=int, default=12, help="op types listed")
-    p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--json", default=None, help="write the full report here (default: only the summary is printed)")
 
 
 def main(args: argparse.Namespace) -> int:

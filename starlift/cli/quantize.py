@@ -8,9 +8,11 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="an fp32 artifact folder written by starlift export")
     p.add_argument("out", help="output artifact folder (written atomically)")
-    p.add_argument("--mode", required=True, choices=["fp16", "bf16", "int8", "int4"])
-    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256])
-    p.add_argument("--algo", default="rtn", choices=["rtn", "hqq", "gptq"])
+    p.add_argument("--mode", required=True, choices=["fp16", "bf16", "int8", "int4"], help="precision of OUT")
+    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+                   help="weights sharing one scale (and zero point)")
+    p.add_argument("--algo", default="rtn", choices=["rtn", "hqq", "gptq"],
+                   help="int4 weight rounding: round to nearest, HQQ, or GPTQ (hqq and gptq need starlift[export])")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                    help="MatMulNBits compute type on CPU: 4 = int8 compute (default: 5-9x faster than 0 = unset "
                         "on this CPU, same top-1 on starcoder2-nano)")
@@ -22,15 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-bits", type=int, default=8, choices=[4, 8], help="bits of the LM head (default 8)")
     p.add_argument("--head-block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
                    help="block size of the LM head's scales (default: 128 for int4's 8-bit head, else --block-size)")
-    p.add_argument("--calibration", default=None, help="code text for GPTQ calibration")
-    p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: built-in)")
+    p.add_argument("--calibration", default=None, help="code text for GPTQ calibration (required by --algo gptq)")
+    p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: a built-in snippet and four stdlib modules)")
     p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
-    p.add_argument("--exclude", action="append", default=None, help="node name to keep in float (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, help="node name to keep in float (repeatable; default: none)")
     p.add_argument("--allow-quality-loss", action="store_true", help="keep the output even below the quality gate")
     p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
-                   "(see `starlift keygen`)")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+                   "(see `starlift keygen`; default: unsigned)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
 
 
 def main(args: argparse.Namespace) -> int:

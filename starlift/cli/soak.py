@@ -10,17 +10,19 @@ import argparse
 import json
 import time
 
+from starlift.runtimes import BACKENDS
+
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\nimport sys\n",
            "for i in range(10):", "with open(path) as f:", "# utility functions\n", "try:\n    import json\n"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="artifact folder (or checkpoint with --backend torch)")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--generations", type=int, default=2000)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS), help="runtime to run on")
+    p.add_argument("--generations", type=int, default=2000, help="generations to run (at least 10)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per generation")
     p.add_argument("--samples", type=int, default=20, help="RSS samples over the run")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the report here (default: only the summary is printed)")
 
 
 def main(args: argparse.Namespace) -> int:

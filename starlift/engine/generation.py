@@ -19,6 +19,8 @@ from starlift.core.errors import UsageError
 from starlift.model.tokenizer import Tokenizer
 from starlift.runtimes.base import Runner
 
+from .keywords import from_transformers
+
 LogitsProcessor = Callable[[np.ndarray, list[list[int]]], np.ndarray]
 
 
@@ -250,9 +252,12 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None,
                  stop: str | Sequence[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-                 truncate: bool = False):
+                 truncate: bool = False, **transformers_kwargs):
         """str -> new text; list[str] -> list of new texts (one left-padded batch);
-        list[int] -> new token ids."""
+        list[int] -> new token ids. transformers' ``do_sample`` and ``stop_strings`` are understood;
+        its other keywords are refused with the starlift way (see ``engine/keywords.py``)."""
+        if transformers_kwargs:
+            temperature, stop = from_transformers(transformers_kwargs, temperature, stop, "generate()")
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if isinstance(prompt, str):
@@ -269,8 +274,10 @@ class Generator:
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None,
                stop: str | Sequence[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-               truncate: bool = False) -> Iterator[str]:
+               truncate: bool = False, **transformers_kwargs) -> Iterator[str]:
         """Text pieces whose concatenation equals ``generate()``'s text for the same arguments."""
+        if transformers_kwargs:
+            temperature, stop = from_transformers(transformers_kwargs, temperature, stop, "stream()")
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return self._stream_texts(self._fit(self._encode(prompt), params, truncate), params, stops)
@@ -281,6 +288,11 @@ class Generator:
         if not isinstance(prefix, str) or not isinstance(suffix, str):
             raise UsageError("fim() takes a prefix and a suffix as str")
         ids = tok.encode_fim(prefix, suffix)
+        ours = set(SamplingParams.__dataclass_fields__) | {"stop", "truncate"}
+        theirs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ours}
+        if theirs:
+            kwargs["temperature"], kwargs["stop"] = from_transformers(theirs, kwargs.get("temperature", 0.0),
+                                                                      kwargs.get("stop"), "fim()")
         stops = kwargs.pop("stop", None)
         stops = [stops] if isinstance(stops, str) else list(stops or [])
         params = SamplingParams(max_new_tokens, **{k: kwargs.pop(k) for k in list(kwargs)
