@@ -35,16 +35,17 @@ EVAL_TOKENS = 1024
 GATES = {"fp16": (1e-3, 0.98), "int8": (0.05, 0.98), "int4": (0.2, 0.93)}
 
 
-def _untie_lm_head(model) -> bool:
+def _untie_lm_head(model) -> str | None:
     """Gemm(h, E, transB=1) -> MatMul(h, E.T) with its own initializer, so it can be quantized
-    apart from the embedding Gather. Returns False when there is no tied Gemm head."""
+    apart from the embedding Gather. Returns the tied table's name, None when there is no tied
+    Gemm head."""
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
     gemm = next((n for n in graph.node if n.op_type == "Gemm" and n.name.endswith("lm_head/Gemm")), None)
     if gemm is None:
-        return False
+        return None
     inits = {i.name: i for i in graph.initializer}
     weight = numpy_helper.to_array(inits[gemm.input[1]])
     head = numpy_helper.from_array(np.ascontiguousarray(weight.T), "lm_head.weight.T")
@@ -53,7 +54,129 @@ def _untie_lm_head(model) -> bool:
     index = list(graph.node).index(gemm)
     graph.node.remove(gemm)
     graph.node.insert(index, matmul)
-    return True
+    return gemm.input[1]
+
+
+def _quantized_gather(model, table: str, packed: str, scales: str, zero_points: str | None, vocab: int, k: int,
+                      block: int) -> int:
+    """Every Gather of the initializer ``table`` [V, K] reads 8-bit weights instead, in
+    MatMulNBits' layout: ``packed`` [V, K/block, block] uint8, ``scales`` [V, K/block], optional
+    ``zero_points`` [V, K/block] (without them the zero point is 128, as for MatMulNBits). Returns
+    how many Gathers were replaced; ``table`` is dropped when nothing else reads it.
+
+        ids -> GatherBlockQuantized(packed, ids, scales [V, K/block, 1], zero_points [V, K/block, 1])
+            -> [batch, seq, K/block, block] -> Reshape [0, 0, K] -> [batch, seq, K]
+
+    onnxruntime's quantizer makes GatherBlockQuantized at 4 bits only; the op itself takes 8.
+    Quantizing along the last axis of the 3-D packed weights lets a tied LM head's MatMulNBits
+    and the embedding read the same initializer. The scales and zero points get their own 3-D
+    copies (1/8 of the table at blocks of 32): OpenVINO's ONNX reader wants them as constants,
+    not computed by a Reshape."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table]
+    if not gathers:
+        return 0
+    inits = {i.name: i for i in graph.initializer}
+    shape3 = (vocab, k // block, 1)
+    extra = [numpy_helper.from_array(numpy_helper.to_array(inits[scales]).reshape(shape3), f"{table}_Q8_scales")]
+    if zero_points is not None:
+        extra.append(numpy_helper.from_array(numpy_helper.to_array(inits[zero_points]).reshape(shape3),
+                                             f"{table}_Q8_zero_points"))
+    flat = numpy_helper.from_array(np.array([0, 0, k], np.int64), f"{table}_Q8_row_shape")
+    graph.initializer.extend([*extra, flat])
+    prefix = "/model/embed_tokens/Q8"
+    nodes = []
+    for i, gather in enumerate(gathers):
+        blocks = f"{prefix}/blocks_{i}"
+        nodes.append(helper.make_node("GatherBlockQuantized", [packed, gather.input[1], *(e.name for e in extra)],
+                                      [blocks], name=f"{prefix}/GatherBlockQuantized_{i}", domain="com.microsoft",
+                                      bits=8, block_size=block, gather_axis=0, quantize_axis=2))
+        nodes.append(helper.make_node("Reshape", [blocks, flat.name], list(gather.output), name=f"{prefix}/Reshape_{i}"))
+    index = min(list(graph.node).index(g) for g in gathers)
+    for gather in gathers:
+        graph.node.remove(gather)
+    for j, node in enumerate(nodes):
+        graph.node.insert(index + j, node)
+    if not any(table in n.input for n in graph.node):
+        for i in [i for i in graph.initializer if i.name == table]:
+            graph.initializer.remove(i)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return len(gathers)
+
+
+def _embedding_from_head(model, table: str) -> bool:
+    """A tied table: the embedding reads the 8-bit LM head's own MatMulNBits weights (stored once,
+    as the fp32 graph stores the table once for Gather and Gemm). False when the head is not an
+    8-bit MatMulNBits over the whole table."""
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith(HEAD_NODE)), None)
+    if head is None:
+        return False
+    attrs = {a.name: a.i for a in head.attribute}
+    if attrs.get("bits") != 8 or attrs["K"] % attrs["block_size"]:
+        return False
+    zero_points = head.input[3] if len(head.input) > 3 and head.input[3] else None
+    return _quantized_gather(model, table, head.input[1], head.input[2], zero_points, attrs["N"], attrs["K"],
+                             attrs["block_size"]) > 0
+
+
+def _embedding_8bit(model, block: int, symmetric: bool) -> bool:
+    """An untied embedding table to 8 bits with onnxruntime's own MatMulNBits block quantizer
+    (the table transposed is a [K, V] MatMul weight, whose packed layout GatherBlockQuantized reads)."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    tables = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+              and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == 1}
+    done = False
+    for table in sorted(tables):
+        weight = numpy_helper.to_array(inits[table])
+        if weight.shape[1] % block:
+            continue
+        quantizer = mnq.DefaultWeightOnlyQuantizer(mnq.DefaultWeightOnlyQuantConfig(
+            block_size=block, is_symmetric=symmetric, bits=8))
+        packed, scales, zero_points = quantizer.qbits_block_quant(np.ascontiguousarray(weight.T))
+        new = [numpy_helper.from_array(packed, f"{table}_Q8"), numpy_helper.from_array(scales, f"{table}_scales")]
+        if not symmetric:
+            new.append(numpy_helper.from_array(zero_points, f"{table}_zero_points"))
+        graph.initializer.extend(new)
+        done |= _quantized_gather(model, table, new[0].name, new[1].name, new[2].name if not symmetric else None,
+                                  weight.shape[0], weight.shape[1], block) > 0
+    return done
+
+
+def _merge_repeated_casts(model) -> int:
+    """Drop a Cast that repeats an earlier one (same input, same ``to``, same output name).
+
+    onnxruntime's float16 converter before 1.31 adds one Cast per consumer of a kept-fp32 input,
+    every one writing the same output name; ONNX Runtime 1.30 then refuses the model ("Output
+    'mul_51_cast_to_fp32' is redeclared in the current graph scope"). One Cast serves them all,
+    as the converter of 1.31+ does itself. Returns how many were dropped."""
+    produced: dict[str, tuple] = {}
+    keep, dropped = [], 0
+    for node in model.graph.node:
+        key = (node.op_type, tuple(node.input), tuple(a.SerializeToString() for a in node.attribute))
+        if node.op_type == "Cast" and len(node.output) == 1 and produced.get(node.output[0]) == key:
+            dropped += 1
+            continue
+        produced.update({name: key for name in node.output})
+        keep.append(node)
+    if dropped:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        infos, names = [], set()
+        for info in model.graph.value_info:
+            if info.name not in names:
+                names.add(info.name)
+                infos.append(info)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(infos)
+    return dropped
 
 
 def _topologically_sorted(model):
@@ -79,6 +202,20 @@ def _rope_angle_nodes(model) -> list[str]:
     return [name for name in seen if name]
 
 
+class _Notice:
+    """A logging filter dropping one notice of onnxruntime's quantizers that says nothing to a
+    starlift user (the output stays readable): "opset ... under 21 ... may not be a valid model"
+    (a 4-bit Gather needs opset 21 for its int4 tensors; the quantizer raises it, starlift checks
+    the result itself with the ONNX checker and ONNX Runtime, and the manifest records the new
+    opset), and quantize_dynamic's advice to pre-process, which is for CNNs."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
 def _nbits(model, bits: int, *, block_size: int, symmetric: bool, accuracy_level: int | None, algo: str,
            include: list[str] | None = None, exclude: list[str] | None = None, op_types=("MatMul",),
            calibration=None):
@@ -86,7 +223,10 @@ def _nbits(model, bits: int, *, block_size: int, symmetric: bool, accuracy_level
 
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _Notice) for f in logger.filters):
+        logger.addFilter(_Notice("may not be a valid model"))
 
     common = dict(op_types_to_quantize=op_types)
     if algo == "rtn" or op_types != ("MatMul",):
@@ -167,7 +307,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     accuracy_level = accuracy_level or None  # 0 means "unset" (onnxruntime's default compute type)
     manifest = verify(src, check_onnx=False)
     if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
-        raise UsageError(f"{src} is a {manifest.get('precision')} artifact; quantize from an fp32 export")
+        raise UsageError(f"{src} is an artifact of precision {manifest.get('precision')}; quantize from an fp32 "
+                         "export")
     check_output_dir(out, force)
     if sign_key is not None:
         check_signing_key(sign_key)  # a wrong key fails now, not after the quantization
@@ -178,9 +319,9 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
 
         tokenizer = Tokenizer.from_file(src / "tokenizer.json")
 
-    from tqdm.auto import tqdm
+    from starlift.core.progress import progress_bar
 
-    bar = tqdm(total=4, desc=f"quantize {mode}", unit="stage", disable=not progress, leave=False)
+    bar = progress_bar(total=4, desc=f"quantize {mode}", unit="stage", enabled=progress)
     try:
         with atomic_output_dir(out, force=force) as tmp:
             model = onnx.load(str(src / MODEL_FILE))
@@ -191,12 +332,13 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 rope = _rope_angle_nodes(model)
                 model = convert_float_to_float16(model, keep_io_types=["logits"], op_block_list=FP16_KEEP,
                                                  node_block_list=rope)
+                _merge_repeated_casts(model)
                 model = _topologically_sorted(model)  # the converter appends its Casts at the end
                 details["kept_fp32_ops"] = FP16_KEEP
                 details["kept_fp32_nodes"] = len(rope)
             else:
-                untied = _untie_lm_head(model)
-                head = [HEAD_NODE] if untied else [n.name for n in model.graph.node
+                tied = _untie_lm_head(model)
+                head = [HEAD_NODE] if tied else [n.name for n in model.graph.node
                                                    if n.op_type == "MatMul" and "lm_head" in n.name]
                 bits = 4 if mode == "int4" else 8
                 calib = None
@@ -219,17 +361,27 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 if head and head[0] not in (exclude or []):
                     model = _nbits(model, head_bits, block_size=head_block_size, symmetric=symmetric,
                                    accuracy_level=accuracy_level, algo="rtn", include=head)
-                if mode == "int4":  # onnxruntime quantizes Gather at 4 bits only; int8 keeps exact lookups
+                # The embedding: a tied table reads the 8-bit head's weights (stored once); otherwise
+                # int4 quantizes it to 4 bits (onnxruntime's GatherBlockQuantized) and int8 to 8 bits.
+                if tied and _embedding_from_head(model, tied):
+                    embedding = f"GatherBlockQuantized 8-bit, shared with the LM head (blocks of {head_block_size})"
+                elif mode == "int4":
                     model = _nbits(model, 4, block_size=block_size, symmetric=symmetric, accuracy_level=None,
                                    algo="rtn", op_types=("Gather",))
+                    embedding = f"GatherBlockQuantized 4-bit (blocks of {block_size})"
+                elif _embedding_8bit(model, block_size, symmetric):
+                    embedding = f"GatherBlockQuantized 8-bit (blocks of {block_size})"
+                else:
+                    embedding = "fp32 Gather"
                 details.update({"bits": bits, "block_size": block_size, "algo": algo, "symmetric": symmetric,
                                 "accuracy_level": accuracy_level, "head_bits": head_bits,
                                 "head_block_size": head_block_size, "int8_method":
                                 int8_method if mode == "int8" else None,
-                                "embedding": "GatherBlockQuantized 4-bit" if mode == "int4" else "fp32 Gather",
+                                "embedding": embedding,
                                 "excluded": list(exclude or [])})
             bar.update()
             bar.set_description(f"quantize {mode}: save")
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), manifest.get("opset"))
             onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=MODEL_FILE + ".data", size_threshold=1024)
             del model
@@ -249,6 +401,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
             onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
             src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
             info = {k: v for k, v in manifest.items() if k not in ("format", "files", "validation", "size")}
+            info["opset"] = opset
             info.update({"dtype": "fp16" if mode == "fp16" else "fp32", "precision": mode, "quantization": details,
                          "size": {"onnx_bytes": onnx_bytes, "fp32_onnx_bytes": src_bytes,
                                   "ratio_to_fp32": onnx_bytes / src_bytes},
@@ -279,14 +432,21 @@ def _sha(path: Path) -> str:
 
 def _dynamic_int8(model, exclude: list[str]):
     """onnxruntime's quantize_dynamic: int8 activations x int8 weights for every MatMul."""
+    import logging
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    notice = _Notice("pre-processing before quantization")  # advice for CNNs, logged on the root logger
+    logging.getLogger().addFilter(notice)
     with tempfile.TemporaryDirectory(prefix="starlift-q8-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save_model(model, str(src), save_as_external_data=True, location="in.onnx.data")
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=exclude, per_channel=True, use_external_data_format=True)
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             nodes_to_exclude=exclude, per_channel=True, use_external_data_format=True)
+        finally:
+            logging.getLogger().removeFilter(notice)
         return onnx.load(str(dst))
 
 
@@ -302,16 +462,16 @@ def default_eval_text() -> tuple[str, str]:
     import importlib.util
     import platform
 
-    from starlift.evaluation import parity
+    from starlift.evaluation.metrics import BUILTIN_TEXT
 
-    parts, used = [parity.BUILTIN_TEXT], []
+    parts, used = [BUILTIN_TEXT], []
     for name in EVAL_MODULES:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin and spec.origin.endswith(".py") and Path(spec.origin).is_file():
             parts.append(Path(spec.origin).read_text(encoding="utf-8"))
             used.append(name)
     if not used:  # a Python without its library's sources
-        return parity.BUILTIN_TEXT, "built-in"
+        return BUILTIN_TEXT, "built-in"
     return "\n".join(parts), f"built-in + Python {platform.python_version()} stdlib {', '.join(used)}"
 
 
@@ -319,7 +479,7 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
                     eval_text: str | None, windows: int = 4) -> dict[str, Any]:
     """Teacher-forced logits of both models over a fixed code text, in windows of at most
     EVAL_TOKENS (a full-pass attention costs tokens^2 memory), up to ``windows`` of them."""
-    from starlift.evaluation import parity
+    from starlift.evaluation.metrics import make_case, metrics, perplexity
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     limit = min(EVAL_TOKENS, config.get("max_position_embeddings", EVAL_TOKENS))
@@ -328,7 +488,7 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
         described = "random token ids (the artifact has no tokenizer.json)"
     elif eval_text is None:
         eval_text, described = default_eval_text()
-    case = parity.make_case(tokenizer, config["vocab_size"], eval_text, steps=limit * windows - 1, prompt_len=1)
+    case = make_case(tokenizer, config["vocab_size"], eval_text, steps=limit * windows - 1, prompt_len=1)
     chunks = [np.asarray([case.tokens[i:i + limit]], np.int64) for i in range(0, len(case.tokens), limit)]
     chunks = [c for c in chunks[:windows] if c.shape[1] > 1]
     logits: dict[str, list[np.ndarray]] = {}
@@ -338,19 +498,12 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
             for ids in chunks:
                 runner.reset(1)
                 logits[name].append(runner.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0])
-    values = parity.metrics(np.concatenate(logits["reference"]), np.concatenate(logits["candidate"]))
-
-    def perplexity(per_chunk: list[np.ndarray]) -> float:
-        nll = []
-        for lg, ids in zip(per_chunk, chunks, strict=True):
-            for i in range(0, len(lg) - 1, 256):  # row blocks: a float64 log-softmax of 49k columns is large
-                rows = np.arange(i, min(i + 256, len(lg) - 1))
-                nll.append(-parity._log_softmax(lg[rows])[np.arange(len(rows)), ids[0, rows + 1]])
-        return float(np.exp(np.concatenate(nll).mean()))
+    values = metrics(np.concatenate(logits["reference"]), np.concatenate(logits["candidate"]))
+    tokens = [c[0] for c in chunks]
 
     values.update({"tokens": int(sum(c.shape[1] for c in chunks)), "windows": len(chunks),
                    "text": described,
-                   "perplexity_fp32": perplexity(logits["reference"]),
-                   "perplexity": perplexity(logits["candidate"])})
+                   "perplexity_fp32": perplexity(logits["reference"], tokens),
+                   "perplexity": perplexity(logits["candidate"], tokens)})
     values["perplexity_change"] = values["perplexity"] / values["perplexity_fp32"] - 1
     return values

@@ -11,7 +11,6 @@ tolerance that would have passed); the gate passes only when every check of ever
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +18,8 @@ import numpy as np
 
 from starlift.core.errors import UsageError
 
-BUILTIN_TEXT = '''import os
-from dataclasses import dataclass
-
-
-@dataclass
-class Point:
-    x: float
-    y: float
-
-    def norm(self) -> float:
-        return (self.x ** 2 + self.y ** 2) ** 0.5
-
-
-def fibonacci(n):
-    """Return the n-th Fibonacci number."""
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\\n") for line in f]
-
-
-if __name__ == "__main__":
-    print(fibonacci(10), Point(3, 4).norm(), os.getcwd())
-'''
+# The text, cases and measures live in metrics.py (numpy only), which quantize/ uses too.
+from .metrics import BUILTIN_TEXT, ParityCase, log_softmax, make_case, metrics  # noqa: F401 - public here too
 
 # check -> (direction, bound): "max" means the value must be <= bound, "min" means >= bound.
 TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
@@ -60,31 +32,6 @@ TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
     "int8": {"mean_kl": ("max", 0.05), "top1_agreement": ("min", 0.97)},
     "int4": {"mean_kl": ("max", 0.2), "top1_agreement": ("min", 0.90)},
 }
-
-
-@dataclass
-class ParityCase:
-    tokens: list[int]
-    prompt_len: int
-
-
-def make_case(tokenizer, vocab_size: int, text: str | None, steps: int, prompt_len: int = 16) -> ParityCase:
-    if tokenizer is not None:
-        ids = tokenizer.encode(text if text is not None else BUILTIN_TEXT)
-    else:  # no tokenizer in the artifact: fixed pseudo-random ids
-        rng = np.random.default_rng(0)
-        ids = rng.integers(0, vocab_size, size=prompt_len + steps).tolist()
-    if len(ids) < 2:
-        raise UsageError("the parity text is too short: give at least two tokens of text")
-    prompt_len = min(prompt_len, len(ids) - 1)
-    ids = ids[: prompt_len + steps]
-    return ParityCase(ids, prompt_len)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def teacher_forced(runner, case: ParityCase) -> np.ndarray:
@@ -103,32 +50,6 @@ def greedy(runner, prompt: list[int], steps: int) -> list[int]:
 
     params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
     return [int(t[0]) for t in generate_tokens(runner, [prompt], params, eos_token_id=None)]
-
-
-def metrics(reference: np.ndarray, candidate: np.ndarray, chunk: int = 256) -> dict[str, float]:
-    """Error, KL, top-1/top-5 agreement over positions, ``chunk`` rows at a time (a 49k vocabulary
-    in float64 is 400 KB a row: whole-array temporaries would need gigabytes)."""
-    max_abs, sum_abs, kl_sum, top1, top5, finite = 0.0, 0.0, 0.0, 0, 0.0, True
-    n = reference.shape[0]
-    for i in range(0, n, chunk):
-        ref, cand = reference[i:i + chunk], candidate[i:i + chunk]
-        diff = np.abs(ref - cand)
-        max_abs, sum_abs = max(max_abs, float(diff.max())), sum_abs + float(diff.sum())
-        finite &= bool(np.isfinite(cand).all())
-        ref_lp, cand_lp = _log_softmax(ref), _log_softmax(cand)
-        kl_sum += float((np.exp(ref_lp) * (ref_lp - cand_lp)).sum())
-        top1 += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        ref5 = np.argpartition(-ref, 5, axis=-1)[:, :5]
-        cand5 = np.argpartition(-cand, 5, axis=-1)[:, :5]
-        top5 += sum(len(set(a) & set(b)) / 5 for a, b in zip(ref5, cand5, strict=True))
-    return {
-        "max_abs_error": max_abs,
-        "mean_abs_error": sum_abs / reference.size,
-        "mean_kl": max(kl_sum / n, 0.0),
-        "top1_agreement": top1 / n,
-        "top5_agreement": top5 / n,
-        "finite": finite,
-    }
 
 
 def judge(values: dict[str, Any], precision: str) -> dict[str, Any]:
