@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from starlift.core.errors import StarliftError
+
 FLAVOURS = ("portable", "ort")
 
 # Ops a portable graph must not contain: control flow (TensorRT cannot convert If; If is slow
@@ -49,4 +51,18 @@ def to_ort(model: ir.Model, config) -> tuple[ir.Model, dict[str, int]]:
     # onnxscript counts its own RoPE matches, which do not survive to the saved graph here:
     # report what the graph holds
     counts["rotary_embedding"] = fuse_rotary_embedding(model, config)
+    check_fully_fused(model, config.num_hidden_layers)
     return model, {k: v for k, v in counts.items() if v}
+
+
+def check_fully_fused(model: ir.Model, layers: int) -> None:
+    """Every layer's attention in one GroupQueryAttention and its q and k in RotaryEmbedding, or
+    an error: the manifest promises a shared in-place KV buffer for the whole graph, and a layer
+    left unfused would concatenate into a buffer that does not grow (wrong logits, no error)."""
+    ops = [n.op_type for n in model.graph.all_nodes()]
+    gqa, rope = ops.count("GroupQueryAttention"), ops.count("RotaryEmbedding")
+    if gqa != layers or rope != 2 * layers:
+        raise StarliftError(
+            f"the ort flavour fused {gqa} GroupQueryAttention and {rope} RotaryEmbedding nodes for {layers} layers "
+            f"(expected {layers} and {2 * layers}): the graph is only partly fused and would get a KV buffer it "
+            "cannot use; export with --flavour portable, and report this with the checkpoint's config.json")

@@ -311,3 +311,20 @@ def test_onnxruntime_genai_batch_of_unequal_prompts_equals_transformers(artifact
         got = prompt + sequence[width:]  # genai keeps the padding between prompt and generated tokens
         assert got[:len(expected)] == expected
         assert len(got) >= len(expected)
+
+
+def test_ort_flavour_refuses_a_partly_fused_graph(varied_checkpoint):
+    """The ort flavour's manifest promises an in-place KV buffer for every layer: a graph where
+    fewer GroupQueryAttention (or RotaryEmbedding) nodes than layers were fused is an error, not
+    an artifact. Here the config claims one layer more than the traced graph has."""
+    import dataclasses
+
+    from starlift.core.errors import StarliftError
+    from starlift.export import flavours
+    from starlift.export.trace import trace
+    from starlift.model import Starcoder2Config, load_checkpoint
+
+    config = Starcoder2Config.from_hf(varied_checkpoint)
+    graph = flavours.optimize_portable(trace(load_checkpoint(varied_checkpoint), opset=18))
+    with pytest.raises(StarliftError, match="fused 2 GroupQueryAttention and 4 RotaryEmbedding nodes for 3 layers"):
+        flavours.to_ort(graph, dataclasses.replace(config, num_hidden_layers=3))
