@@ -15,8 +15,17 @@ import pytest
 from starlift.export import export_checkpoint
 from tests.conftest import REPO, write_hf_checkpoint
 
+EXTRA = {"openvino": "the openvino row needs starlift[openvino]", "onnxruntime_genai": "the genai peer needs "
+         "starlift[genai]", "transformers": "the transformers peer needs starlift[bench]"}
+
+
+def _needs(*modules):
+    for module in modules:
+        pytest.importorskip(module, reason=EXTRA[module])
+
 
 def test_bench_smoke(tmp_path):
+    _needs("openvino", "onnxruntime_genai", "transformers")
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
     export_checkpoint(ckpt, tmp_path / "art", progress=False)
     exe = Path(sys.executable).with_name("starlift")
@@ -180,6 +189,7 @@ def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
     were not interleaved, and the roofline uses the highest read bandwidth sampled."""
     from starlift.bench import speed as bench
 
+    _needs("openvino", "transformers")
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
     export_checkpoint(ckpt, tmp_path / "art", progress=False)
     report = bench.run([str(tmp_path / "art")], ["onnxruntime", "openvino"], prompt_len=8, new_tokens=4,

@@ -63,13 +63,14 @@ def test_tokenizer_roundtrips_held_out_files_and_fim_ids(folder):
     assert checked == len(record["data"]["held_out"])
 
 
-def test_name_resolves_everywhere(tmp_path):
+def test_name_resolves_everywhere(nano_ort):
+    """The bundled name works for the model, the tokenizer, the torch backend and the exporter
+    (the session's nano_ort fixture is `export_checkpoint("starcoder2-nano", ...)`)."""
     assert load_checkpoint(NANO).config.vocab_size == Tokenizer.from_pretrained(NANO).vocab_size
     gen = starlift.load(NANO, backend="torch")
     assert isinstance(gen.generate("def add(a, b):", max_new_tokens=8), str)
-    from starlift.export import export_checkpoint
-
-    manifest = export_checkpoint(NANO, tmp_path / "nano", flavour="ort", progress=False)
-    assert manifest["validation"]["passed"] and (tmp_path / "nano" / "tokenizer.json").is_file()
-    art = starlift.load(tmp_path / "nano")
+    manifest = json.loads((nano_ort / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["source"]["checkpoint"] == NANO
+    assert (nano_ort / "tokenizer.json").is_file()
+    art = starlift.load(nano_ort)
     assert art.generate("import os\n", max_new_tokens=12) == gen.generate("import os\n", max_new_tokens=12)

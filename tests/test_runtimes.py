@@ -65,14 +65,14 @@ def hf_greedy(checkpoint):
     hf = load_hf(checkpoint)
     tok = starlift.model.Tokenizer.from_pretrained(checkpoint)
 
-    def run(prompt: str, n: int) -> str:
-        ids = torch.tensor([tok.encode(prompt)])
+    def run(prompt: str | list[int], n: int, stop_ids: tuple[int, ...] = ()) -> str:
+        ids = torch.tensor([tok.encode(prompt) if isinstance(prompt, str) else prompt])
+        stops = [hf.config.eos_token_id, *stop_ids]
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          eos_token_id=hf.config.eos_token_id, pad_token_id=0)
+                          eos_token_id=stops, pad_token_id=0)
         new = out[0, ids.shape[1]:].tolist()
-        if hf.config.eos_token_id in new:
-            new = new[:new.index(hf.config.eos_token_id)]
-        return tok.decode(new, skip_special_tokens=True)
+        ends = [new.index(t) for t in stops if t in new]
+        return tok.decode(new[:min(ends)] if ends else new, skip_special_tokens=True)
 
     return run
 
@@ -112,9 +112,16 @@ def test_same_seed_same_sample(gen):
     assert others - {a}  # sampling really samples
 
 
-def test_fim_returns_middle(gen):
-    middle = gen.fim("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n", max_new_tokens=12)
-    assert isinstance(middle, str) and middle
+def test_fim_returns_middle(gen, hf_greedy):
+    """The middle equals transformers' greedy continuation of the FIM prompt as a transformers
+    user spells it (special tokens in the text), stopped at <|endoftext|> or <file_sep>."""
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    tok = gen.tokenizer
+    ids = tok.encode(f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>")
+    assert ids == tok.encode_fim(prefix, suffix)
+    middle = gen.fim(prefix, suffix, max_new_tokens=12)
+    assert middle == hf_greedy(ids, 12, stop_ids=(tok.token_id("<file_sep>"),))
+    assert len(middle) > 3
 
 
 def test_token_ids_in_ids_out(gen):
