@@ -6,15 +6,16 @@ PIP = $(VENV)/bin/pip
 TORCH = torch==2.13.0
 
 OPTIMUM_VENV ?= .venv-optimum
+FLOORS_VENV ?= .venv-floors
 
-.PHONY: demo test docs optimum-venv
+.PHONY: demo test test-floors docs optimum-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
 demo: $(VENV)/bin/python
-	$(PIP) install -q $(TORCH) -e ".[openvino,genai]"
+	$(PIP) install -q $(TORCH) -e ".[export,openvino,genai]"
 	$(VENV)/bin/starlift demo
 
 test: $(VENV)/bin/python optimum-venv
@@ -25,6 +26,15 @@ test: $(VENV)/bin/python optimum-venv
 docs: $(VENV)/bin/python
 	$(PIP) install -q $(TORCH) -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The floors pyproject.toml declares, made true: a venv with the oldest allowed versions
+# (ci/floors.txt, as pip constraints) runs the export, quantize and runtime tests.
+test-floors:
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install -q --upgrade pip
+	$(FLOORS_VENV)/bin/pip install -q -c ci/floors.txt -e ".[export,openvino,genai]" pytest hypothesis transformers
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_export.py tests/test_quantize.py \
+		tests/test_runtimes.py
 
 # optimum-onnx (the `starlift bench --optimum` peer) needs transformers<4.58, so it lives in its own
 # venv, run as a subprocess by starlift/optimum_worker.py. The inner .gitignore keeps git

@@ -24,12 +24,23 @@ def _needs(*modules):
         pytest.importorskip(module, reason=EXTRA[module])
 
 
-def test_bench_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The module's tiny checkpoint (read-only)."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("bench") / "ckpt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def art(ckpt):
+    """Its portable artifact, exported once (read-only)."""
+    export_checkpoint(ckpt, ckpt.parent / "art", progress=False)
+    return ckpt.parent / "art"
+
+
+def test_bench_smoke(tmp_path, ckpt, art):
     _needs("openvino", "onnxruntime_genai", "transformers")
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
-    export_checkpoint(ckpt, tmp_path / "art", progress=False)
     exe = Path(sys.executable).with_name("starlift")
-    proc = subprocess.run([str(exe), "bench", str(tmp_path / "art"), "--backend", "onnxruntime", "--backend",
+    proc = subprocess.run([str(exe), "bench", str(art), "--backend", "onnxruntime", "--backend",
                            "openvino", "--prompt-len", "8", "--new-tokens", "4", "--batch", "1,2", "--reps", "1",
                            "--positions", "8,32", "--peers", str(ckpt), "--genai", "--json", str(tmp_path / "b.json"),
                            "--plot", str(tmp_path / "b.png"), "--no-progress"],
@@ -63,14 +74,24 @@ def _optimum_python() -> Path:
     return path
 
 
-def test_bench_optimum_rows(tmp_path):
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A checkpoint with a wide init, so that greedy decoding does not repeat one token, its portable
+    artifact, and an optimum-onnx export cache that the two optimum tests share (each export costs
+    a subprocess with torch and optimum)."""
+    root = tmp_path_factory.mktemp("wide")
+    ckpt = write_hf_checkpoint(root / "ckpt", seed=3, initializer_range=0.5)
+    export_checkpoint(ckpt, root / "art", progress=False)
+    return ckpt, root / "art", root / "optimum-cache"
+
+
+def test_bench_optimum_rows(tmp_path, wide):
     python = _optimum_python()
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
-    export_checkpoint(ckpt, tmp_path / "art", progress=False)
+    ckpt, art, cache = wide
     exe = Path(sys.executable).with_name("starlift")
-    proc = subprocess.run([str(exe), "bench", str(tmp_path / "art"), "--prompt-len", "20", "--new-tokens", "4",
+    proc = subprocess.run([str(exe), "bench", str(art), "--prompt-len", "20", "--new-tokens", "4",
                            "--batch", "1,2", "--reps", "1", "--positions", "8", "--peers", str(ckpt),
-                           "--optimum", str(python), "--optimum-cache", str(tmp_path / "cache"),
+                           "--optimum", str(python), "--optimum-cache", str(cache),
                            "--json", str(tmp_path / "b.json"), "--no-progress"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
@@ -93,10 +114,10 @@ def test_bench_optimum_rows(tmp_path):
     assert starlift_row["vs_best_peer"] == pytest.approx(starlift_row["decode_tokens_per_s"] / best["decode_tokens_per_s"])
     assert starlift_row["best_peer"].startswith(best["backend"])
     assert "vs best peer" in proc.stdout and "optimum-onnx int4" in proc.stdout
-    assert len(list((tmp_path / "cache").iterdir())) == 3  # fp32, int8, int4 exports, no temporary folder left
+    assert len(list(cache.iterdir())) == 3  # fp32, int8, int4 exports, no temporary folder left
 
 
-def test_optimum_fp32_greedy_matches_transformers(tmp_path):
+def test_optimum_fp32_greedy_matches_transformers(wide):
     """The optimum peer runs the same model: its greedy tokens and every step's logits equal transformers',
     past the sliding window (16) and for a batch of 2."""
     import torch
@@ -105,10 +126,9 @@ def test_optimum_fp32_greedy_matches_transformers(tmp_path):
     from tests.conftest import load_hf
 
     python = _optimum_python()
-    # a wide init so that greedy decoding does not repeat one token (a stronger check of the tokens)
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=3, initializer_range=0.5)
+    ckpt, _, cache = wide  # the fp32 export of test_bench_optimum_rows is reused when it ran first
     ids = [[(7 * i + 3) % 90 + 5 for i in range(24)], [(5 * i + 1) % 90 + 7 for i in range(24)]]
-    peer = OptimumPeer(python, ckpt, "fp32", tmp_path / "cache").activate()
+    peer = OptimumPeer(python, ckpt, "fp32", cache).activate()
     try:
         got = peer.greedy(ids, 12)
     finally:
@@ -124,11 +144,10 @@ def test_optimum_fp32_greedy_matches_transformers(tmp_path):
     assert np.abs(np.array(got["logits"]) - ref).max() < 1e-4
 
 
-def test_optimum_errors_name_the_problem(tmp_path):
+def test_optimum_errors_name_the_problem(tmp_path, ckpt):
     from starlift.bench import speed as bench
     from starlift.core.errors import UsageError
 
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
     with pytest.raises(UsageError, match="--optimum needs --peers"):
         bench.run([], ["onnxruntime"], optimum_python=sys.executable)
     with pytest.raises(UsageError, match="make optimum-venv"):
@@ -143,11 +162,13 @@ def test_optimum_errors_name_the_problem(tmp_path):
     peer.deactivate()
 
 
-def test_optimum_worker_failure_is_a_peer_error(tmp_path):
+def test_optimum_worker_failure_is_a_peer_error(tmp_path, ckpt):
+    import shutil
+
     from starlift.bench.speed import OptimumPeer, PeerError
 
     python = _optimum_python()
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    ckpt = shutil.copytree(ckpt, tmp_path / "ckpt")
     (ckpt / "model.safetensors").write_bytes(b"not safetensors")
     peer = OptimumPeer(python, ckpt, "int8", tmp_path / "cache")
     with pytest.raises(PeerError, match=r"optimum-onnx peer \(int8"):
@@ -158,8 +179,7 @@ def test_optimum_worker_failure_is_a_peer_error(tmp_path):
 
 # --- starlift profile: where a step's time goes ------------------------------------------------------------------
 
-def test_profile_reports_kernels_by_op_and_python_overhead(tmp_path):
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+def test_profile_reports_kernels_by_op_and_python_overhead(tmp_path, ckpt):
     export_checkpoint(ckpt, tmp_path / "ort", flavour="ort", progress=False)
     exe = Path(sys.executable).with_name("starlift")
     proc = subprocess.run([str(exe), "profile", str(tmp_path / "ort"), "--prompt-len", "12", "--steps", "6",
@@ -184,15 +204,13 @@ def test_profile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     assert proc.returncode == 2 and "not an artifact folder" in proc.stderr
 
 
-def test_bench_sequential_loads_one_row_at_a_time(tmp_path):
+def test_bench_sequential_loads_one_row_at_a_time(ckpt, art):
     """--sequential (models too big to load together): every row measured, the report says the rows
     were not interleaved, and the roofline uses the highest read bandwidth sampled."""
     from starlift.bench import speed as bench
 
     _needs("openvino", "transformers")
-    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
-    export_checkpoint(ckpt, tmp_path / "art", progress=False)
-    report = bench.run([str(tmp_path / "art")], ["onnxruntime", "openvino"], prompt_len=8, new_tokens=4,
+    report = bench.run([str(art)], ["onnxruntime", "openvino"], prompt_len=8, new_tokens=4,
                        batches=(1,), reps=1, positions=[8], progress=False, sequential=True, peers_reference=str(ckpt))
     assert report["settings"]["interleaved"] is False
     from starlift.core import hugepages

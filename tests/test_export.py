@@ -30,11 +30,24 @@ def hf(varied_checkpoint):
     return load_hf(varied_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def exported(varied_checkpoint, tmp_path_factory):
+    """flavour -> the checkpoint's fp32 artifact, exported once for the module (read-only: a test
+    that damages an artifact copies it first)."""
+    done = {}
+
+    def get(flavour: str):
+        if flavour not in done:
+            done[flavour] = tmp_path_factory.mktemp(flavour) / "artifact"
+            export_checkpoint(varied_checkpoint, done[flavour], flavour=flavour, progress=False)
+        return done[flavour]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=["portable", "ort"])
-def artifact(request, varied_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param) / "artifact"
-    export_checkpoint(varied_checkpoint, out, flavour=request.param, progress=False)
-    return out
+def artifact(request, exported):
+    return exported(request.param)
 
 
 def test_teacher_forced_decode_crosses_window(artifact, hf):
@@ -72,9 +85,8 @@ def test_manifest_and_configs(artifact, varied_checkpoint):
     assert genai["model"]["decoder"]["num_key_value_heads"] == 2
 
 
-def test_portable_contract(tmp_path, varied_checkpoint):
-    out = tmp_path / "p"
-    export_checkpoint(varied_checkpoint, out, progress=False)
+def test_portable_contract(exported):
+    out = exported("portable")
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     assert all(domain in ("", "ai.onnx") for domain, _ in ops), ops
@@ -94,10 +106,9 @@ def test_portable_contract(tmp_path, varied_checkpoint):
     assert isinstance(dims[0], str) and isinstance(dims[2], str)  # dynamic batch and past
 
 
-def test_openvino_runs_portable_with_parity(tmp_path, varied_checkpoint, hf):
+def test_openvino_runs_portable_with_parity(exported, hf):
     pytest.importorskip("openvino", reason="openvino is a test extra")
-    out = tmp_path / "p"
-    export_checkpoint(varied_checkpoint, out, progress=False)
+    out = exported("portable")
     ids, mask = padded_ids([70, 52], 99, seed=8)
     expected = hf_full_logits(hf, ids, mask)
     got = OpenVinoDecoder(out / "model.onnx").run_chunks(ids, mask, [20] + [1] * 50)
@@ -169,9 +180,9 @@ def test_tied_embedding_stored_once_and_size_ratio(tmp_path):
     assert big == [("model.embed_tokens.weight", [8192, 128])]
 
 
-def test_verify_fails_on_flipped_byte_and_bad_names(tmp_path, varied_checkpoint):
+def test_verify_fails_on_flipped_byte_and_bad_names(tmp_path, exported):
     out = tmp_path / "v"
-    export_checkpoint(varied_checkpoint, out, progress=False)
+    shutil.copytree(exported("portable"), out)
     verify(out)
     data = out / "model.onnx.data"
     raw = bytearray(data.read_bytes())
@@ -230,9 +241,9 @@ def test_failed_validation_removes_artifact(tmp_path, varied_checkpoint, monkeyp
     assert not (tmp_path / "strict").exists() and _no_litter(tmp_path)
 
 
-def test_ort_flavour_uses_group_query_attention_with_the_window(tmp_path, varied_checkpoint):
-    out = tmp_path / "ort"
-    manifest = export_checkpoint(varied_checkpoint, out, flavour="ort", progress=False)
+def test_ort_flavour_uses_group_query_attention_with_the_window(exported):
+    out = exported("ort")
+    manifest = verify(out)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and manifest["fusions"]["group_query_attention"] == 2
@@ -257,14 +268,13 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(tmp_path, varied
             runner.forward(ids[:, 3:], mask, np.broadcast_to(np.arange(3, 6), (2, 3)))
 
 
-def test_ort_flavour_kv_buffer_is_shared_and_updated_in_place(tmp_path, varied_checkpoint):
+def test_ort_flavour_kv_buffer_is_shared_and_updated_in_place(exported):
     """The ORT runner binds past and present to one preallocated buffer for GQA graphs: the
     kernel writes each step in place (same memory every step) and the logits equal the concat
     path's, across the window and through buffer growth."""
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
-    out = tmp_path / "ort"
-    export_checkpoint(varied_checkpoint, out, flavour="ort", progress=False)
+    out = exported("ort")
     ids, mask = padded_ids([70, 50], 99, seed=12)
     results = {}
     for mode in ("shared", "concat"):
@@ -283,8 +293,7 @@ def test_ort_flavour_kv_buffer_is_shared_and_updated_in_place(tmp_path, varied_c
                 assert len(pointers) == 1 and runner._buffers[0].shape[2] == 128
     real = mask.astype(bool)
     assert np.abs(results["shared"] - results["concat"])[real].max() <= 1e-5
-    portable = tmp_path / "portable"
-    export_checkpoint(varied_checkpoint, portable, progress=False)
+    portable = exported("portable")
     with pytest.raises(UsageError, match="export with --flavour ort"):
         OnnxRuntimeRunner(portable / "model.onnx", kv_buffer="shared").activate()
 

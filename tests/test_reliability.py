@@ -92,10 +92,20 @@ def test_existing_output_is_never_overwritten_without_force(ckpt, tmp_path):
     assert (out / "precious").read_text() == "x"
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "config", "symlink", "absolute"])
-def test_artifact_damage_is_caught_before_loading(ckpt, tmp_path, damage):
-    art = tmp_path / "a"
+@pytest.fixture(scope="module")
+def intact(ckpt, tmp_path_factory):
+    """One exported artifact; tests that damage one copy it."""
+    art = tmp_path_factory.mktemp("intact") / "a"
     export_checkpoint(ckpt, art, progress=False)
+    return art
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "config", "symlink", "absolute"])
+def test_artifact_damage_is_caught_before_loading(intact, tmp_path, damage):
+    import shutil
+
+    art = tmp_path / "a"
+    shutil.copytree(intact, art)
     data = art / "model.onnx.data"
     manifest = json.loads((art / "manifest.json").read_text())
     if damage == "flip":
@@ -167,9 +177,11 @@ def test_unknown_flavour_is_a_usage_error(ckpt, tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
-def test_mismatched_tokenizer_vocab(ckpt, tmp_path, shared_tokenizer):
+def test_mismatched_tokenizer_vocab(intact, tmp_path, shared_tokenizer):
+    import shutil
+
     art = tmp_path / "a"
-    export_checkpoint(ckpt, art, progress=False)
+    shutil.copytree(intact, art)
     (art / "tokenizer.json").write_bytes(shared_tokenizer.read_bytes())  # 49152 tokens vs a 99-token model
     with pytest.raises(UsageError, match="do not belong together"):
         starlift.load(art, verify_artifact=False)

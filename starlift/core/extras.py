@@ -53,5 +53,14 @@ def error_for_missing_module(error: ModuleNotFoundError, purpose: str) -> Missin
     extra = extra_for(error.name)
     if extra is None:
         return None
-    return MissingExtraError(f"{purpose} needs {error.name.split('.')[0]}, which this install lacks: "
-                             f"{install_hint(extra)}")
+    top = error.name.split(".")[0]
+    if importlib.util.find_spec(top) is not None:  # installed, but a version without that module
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = f"{top} {version(top.replace('_', '-'))}"
+        except PackageNotFoundError:
+            installed = top
+        return MissingExtraError(f"{purpose} needs {error.name}, which the installed {installed} lacks: "
+                                 f"pip install -U 'starlift[{extra}]'")
+    return MissingExtraError(f"{purpose} needs {top}, which this install lacks: {install_hint(extra)}")
