@@ -44,6 +44,8 @@ REQUIRES = {
     "profile": ("onnx",),
     "soak": ("psutil",),
     "demo": ("torch", "safetensors", "onnx", "onnxscript", "onnx_ir", "tqdm", "openvino"),
+    "keygen": ("cryptography",),
+    "sign": ("cryptography",),
 }
 
 # Commands that write an output folder: an interrupted one keeps nothing of it.

@@ -18,6 +18,7 @@ EXTRA_OF = {
     "openvino": "openvino",
     "onnxruntime_genai": "genai",
     "psutil": "bench", "matplotlib": "bench", "transformers": "bench",
+    "cryptography": "sign",
 }
 
 
