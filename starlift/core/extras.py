@@ -22,6 +22,10 @@ EXTRA_OF = {
 }
 
 
+# extras that bring others with them (pyproject.toml: export = ["starlift[quantize]", ...])
+INCLUDES = {"export": {"quantize"}, "bench": {"export", "quantize"}}
+
+
 class MissingExtraError(UsageError):
     """A feature whose library is not installed; the message names the extra to install."""
 
@@ -44,7 +48,8 @@ def require(*modules: str, purpose: str) -> None:
     """Raise MissingExtraError naming the extra when any of ``modules`` is not installed."""
     absent = missing(*modules)
     if absent:
-        extras = sorted({extra_for(m) or m for m in absent})
+        extras = {extra_for(m) or m for m in absent}
+        extras = sorted(e for e in extras if not any(e in INCLUDES.get(other, ()) for other in extras))
         raise MissingExtraError(f"{purpose} needs {', '.join(absent)}, which this install lacks: "
                                 + " and ".join(install_hint(e) for e in extras))
 
