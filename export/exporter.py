@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from starlift.core.artifact import MODEL_FILE, genai_config, verify, write_manifest
+from starlift.core.artifact import LOGITS_TO_KEEP, MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
 from starlift.core.signing import check_signing_key, sign_artifact
@@ -166,6 +166,10 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
                      # head_dim] buffer bound as both past and present: it writes new keys in place.
                      "shared_buffer": bool(fusions.get("group_query_attention"))},
         "fusions": fusions,
+        # optional inputs: a caller that does not feed them gets their default
+        "optional_inputs": {LOGITS_TO_KEEP: {
+            "dtype": "int64", "shape": [], "default": 0,
+            "description": "logits for the last N positions only, [batch, min(N, seq), vocab]; 0 = every position"}},
         "size": {"onnx_bytes": onnx_bytes, "weight_bytes": config.num_parameters() * bytes_per,
                  "ratio": onnx_bytes / (config.num_parameters() * bytes_per)},
         "source": {"checkpoint": checkpoint.name,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from starlift.core.errors import StarliftError
+from starlift.core.artifact import LOGITS_TO_KEEP
 
 FLAVOURS = ("portable", "ort")
 
@@ -23,8 +24,12 @@ FORBIDDEN_PORTABLE_OPS = {"If", "Loop", "Scan"}
 
 
 def optimize_portable(model: ir.Model) -> ir.Model:
+    import logging
+
     import onnxscript.optimizer
 
+    # it warns that it leaves logits_to_keep alone (a graph input with a default), as it should
+    logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
     onnxscript.optimizer.optimize(model)
     return model
 
@@ -47,6 +52,11 @@ def to_ort(model: ir.Model, config) -> tuple[ir.Model, dict[str, int]]:
 
     gqa = fuse_group_query_attention(model, config)
     model, counts = optimize_for_ort(model)
+    # optimize_for_ort turns every initializer that is also an input into a constant: give
+    # logits_to_keep its place among the inputs back (see trace.add_logits_to_keep)
+    keep = model.graph.initializers.get(LOGITS_TO_KEEP)
+    if keep is not None and keep not in model.graph.inputs:
+        model.graph.inputs.append(keep)
     counts["group_query_attention"] = gqa
     # onnxscript counts its own RoPE matches, which do not survive to the saved graph here:
     # report what the graph holds

@@ -22,7 +22,7 @@ import onnx_ir.passes.common
 import torch
 from torch import nn
 
-from starlift.core.artifact import past_names, present_names
+from starlift.core.artifact import LOGITS_TO_KEEP, past_names, present_names
 from starlift.model import Starcoder2
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -69,7 +69,57 @@ def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
     _strip_wrapper_prefix(graph_model)
     _fold_weight_transposes(graph_model)
     _name_dims(graph_model)
+    add_logits_to_keep(graph_model)
     return graph_model
+
+
+def add_logits_to_keep(model: ir.Model) -> None:
+    """An int64 scalar input ``logits_to_keep`` (default 0 = every position) that slices the
+    final norm's output before the LM head, so a prefill multiplies only the positions it reads::
+
+        LayerNorm(model.norm) -> h [B, T, H] -> LM head -> logits [B, T, V]
+      becomes
+        logits_to_keep -> Neg -> Reshape[1] -> start        (N=0: start 0, all positions)
+        h -> Slice(start, end=INT64_MAX, axis 1) -> [B, min(N, T), H] -> LM head -> logits [B, kept, V]
+
+    The input is also an initializer holding 0: ONNX lets an initializer give a graph input its
+    default, so callers that do not feed it (onnxruntime-genai, optimum-style loops, the parity
+    gate) get every position as before. TensorRT's parser reads such an input as a constant weight
+    (it keeps every position there); ONNX Runtime and OpenVINO take it as a feedable input. The
+    torch model cannot trace it (a slice whose start is a tensor value makes the output's shape
+    data-dependent for torch.export), so the Slice is added here; the reference model's own
+    ``logits_to_keep`` does the same slice in torch.
+    """
+    graph = model.graph
+    norm = next((n for n in graph if n.op_type == "LayerNormalization" and len(n.inputs) > 1
+                 and n.inputs[1] is not None and n.inputs[1].name == "model.norm.weight"), None)
+    if norm is None:
+        raise ValueError("the traced graph has no final LayerNormalization (model.norm.weight): cannot find the LM head")
+    hidden = norm.outputs[0]
+    keep = ir.Value(name=LOGITS_TO_KEEP, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array(0, np.int64), name=LOGITS_TO_KEEP))
+    graph.inputs.append(keep)
+    graph.register_initializer(keep)
+    prefix = "/model/logits_to_keep"
+    one = ir.Value(name=f"{prefix}/shape", const_value=ir.tensor(np.array([1], np.int64)))
+    end = ir.Value(name=f"{prefix}/end", const_value=ir.tensor(np.array([np.iinfo(np.int64).max], np.int64)))
+    axis = ir.Value(name=f"{prefix}/axis", const_value=ir.tensor(np.array([1], np.int64)))
+    for value in (one, end, axis):
+        graph.register_initializer(value)
+    neg = ir.node("Neg", [keep], name=f"{prefix}/Neg")
+    start = ir.node("Reshape", [neg.outputs[0], one], name=f"{prefix}/Start")
+    sliced = ir.node("Slice", [hidden, start.outputs[0], end, axis], name=f"{prefix}/Slice")
+    users = [(user, index) for user, index in hidden.uses() if user is not sliced]
+    graph.insert_after(norm, [neg, start, sliced])
+    out = sliced.outputs[0]
+    out.name, out.dtype = "hidden_kept", hidden.dtype
+    if hidden.shape is not None:
+        out.shape = ir.Shape([hidden.shape[0], ir.SymbolicDim("kept"), *hidden.shape[2:]])
+    for user, index in users:
+        user.replace_input_with(index, out)
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    if logits.shape is not None:
+        logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("kept"), *logits.shape[2:]])
 
 
 def _strip_wrapper_prefix(model: ir.Model) -> None:

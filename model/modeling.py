@@ -151,6 +151,9 @@ class Starcoder2(nn.Module):
 
     ``past``/``present``: one ``(key, value)`` per layer, each (B, G, P, D). ``attention_mask``:
     (B, P + T), 0 marks left padding. Logits are float32 whatever the model dtype.
+    ``logits_to_keep`` (transformers' name): N > 0 computes logits for the last N positions only,
+    (B, min(N, T), vocab); 0 keeps every position. Generation reads one position per prefill, and
+    at 1,024 tokens x 49,152 vocab the LM head is a quarter of a prefill's multiplications.
     """
 
     def __init__(self, config: Starcoder2Config):
@@ -170,7 +173,8 @@ class Starcoder2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                past: list[KV] | tuple[KV, ...] | None = None) -> tuple[torch.Tensor, list[KV]]:
+                past: list[KV] | tuple[KV, ...] | None = None,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, list[KV]]:
         batch, query_len = input_ids.shape
         past_len = past[0][0].shape[2] if past else 0
         if attention_mask is None:
@@ -185,7 +189,9 @@ class Starcoder2(nn.Module):
             x, kv = layer(x, cos, sin, allowed, past[i] if past else None)
             present.append(kv)
         x = self.model.norm(x)
-        logits = F.linear(x, self.lm_head_weight).float()  # (B, T, vocab)
+        if logits_to_keep:  # a Python int: the exporter adds the graph's own Slice (export/trace.py)
+            x = x[:, -logits_to_keep:]  # (B, N, hidden)
+        logits = F.linear(x, self.lm_head_weight).float()  # (B, T or N, vocab)
         return logits, present
 
     def empty_past(self, batch: int = 1) -> list[KV]:

@@ -2,7 +2,8 @@
 
 A runner owns one model and its KV cache. ``activate()`` loads the backend (imported lazily),
 ``reset(batch)`` starts an empty cache, ``forward(ids, mask, positions)`` runs a prefill or a
-decode step, appends to the cache and returns float32 logits. Shapes and names are read from
+decode step, appends to the cache and returns float32 logits (of the last ``logits_to_keep``
+positions only, when that is given: a prefill for generation passes 1). Shapes and names are read from
 the loaded model (``_read_metadata_impl``), never from a list of model types. Inputs are
 checked against that metadata before the backend sees them.
 """
@@ -73,9 +74,17 @@ class Runner(ABC):
         self._past_length = 0
         self._reset_impl(batch)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run the new tokens through the model and its cache; float32 logits (B, T, V)."""
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                logits_to_keep: int = 0) -> np.ndarray:
+        """Run the new tokens through the model and its cache; float32 logits (B, T, V), or
+        (B, min(N, T), V) for the last N positions with ``logits_to_keep=N`` (0: every position).
+        Graphs with the ``logits_to_keep`` input skip the LM head for the other positions; for
+        the others (older artifacts, TensorRT, which reads the input as a constant) the logits
+        are cut here, so every backend returns the same shape."""
         self._require_active()
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise UsageError(f"logits_to_keep must be an integer >= 0 (0 keeps every position), got {logits_to_keep!r}")
+        logits_to_keep = int(logits_to_keep)
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
@@ -94,8 +103,10 @@ class Runner(ABC):
             raise UsageError(f"token ids must be in [0, {meta.vocab_size}), got {input_ids.min()}..{input_ids.max()}")
         if meta.context and self._past_length + t > meta.context:
             raise UsageError(f"{self._past_length + t} tokens exceed the model's context of {meta.context}")
-        logits = self._forward_impl(input_ids, attention_mask, position_ids)
+        logits = self._forward_impl(input_ids, attention_mask, position_ids, logits_to_keep)
         self._past_length += t
+        if logits_to_keep and logits.shape[1] > logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         return logits
 
     def _require_active(self) -> None:
@@ -114,7 +125,7 @@ class Runner(ABC):
 
     @abstractmethod
     def _forward_impl(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                      position_ids: np.ndarray) -> np.ndarray: ...
+                      position_ids: np.ndarray, logits_to_keep: int = 0) -> np.ndarray: ...
 
     def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         return None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.core.artifact import past_names, present_names
+from starlift.core.artifact import LOGITS_TO_KEEP, past_names, present_names
 from starlift.core.errors import UsageError
 
 from .base import ModelMeta, Runner
@@ -85,6 +85,10 @@ class OnnxRuntimeRunner(Runner):
         kv_type = next(i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         meta = meta_from_io(inputs, outputs, kv_type, self.model_path)
         self._gqa = has_group_query_attention(self.model_path)
+        # an input with a default is listed among the overridable initializers, not the inputs;
+        # artifacts exported before it have no such input
+        self._has_keep = LOGITS_TO_KEEP in inputs or any(
+            i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
         self._float_logits = next(o.type for o in self.session.get_outputs() if o.name == "logits") == "tensor(float)"
         if self.kv_buffer == "shared" and not self._gqa:
             raise UsageError(f"{self.model_path} concatenates its KV cache in the graph (portable flavour); an in-place "
@@ -113,6 +117,7 @@ class OnnxRuntimeRunner(Runner):
         """One IO binding per cache buffer: past and present bound to the same memory, once, so a
         decode step binds only its three small inputs (fewer Python calls per token)."""
         self._io, self._logits = None, None
+        self._bound_keep = 0  # an unbound logits_to_keep takes its initializer's default, 0
         if self.shared_kv:
             self._io = self.session.io_binding()
             self._io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot
@@ -136,7 +141,7 @@ class OnnxRuntimeRunner(Runner):
         self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
         self._bind_shared()
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids):
+    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
         if self._gqa and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and self.past_length > 0:
             raise UsageError(
                 "ONNX Runtime's GroupQueryAttention (the ort flavour) cannot take several new tokens on a non-empty "
@@ -156,6 +161,13 @@ class OnnxRuntimeRunner(Runner):
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("attention_mask", attention_mask)
         io.bind_cpu_input("position_ids", position_ids)
+        if self._has_keep and logits_to_keep != self._bound_keep:
+            # the shared binding keeps it between steps: rebound only when it changes
+            # bound as an OrtValue: IO binding's bind_cpu_input cannot find an input that has an
+            # initializer (its default), bind_ortvalue_input can
+            self._keep = self._ort.OrtValue.ortvalue_from_numpy(np.array(logits_to_keep, np.int64))
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep)
+            self._bound_keep = logits_to_keep if self.shared_kv else 0
         decode = self.shared_kv and input_ids.shape[1] == 1 and self._float_logits
         if decode:
             # a decode step writes its logits into a buffer of ours: no output wrappers to build

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.core.artifact import past_names, present_names
+from starlift.core.artifact import LOGITS_TO_KEEP, past_names, present_names
 from starlift.core.errors import StarliftError, UsageError
 from starlift.core.extras import require
 
@@ -35,6 +35,7 @@ class OpenVinoRunner(Runner):
 
         core = ov.Core()
         model = core.read_model(str(self.model_path))
+        self._has_keep = _feedable_logits_to_keep(model)
         config = {"INFERENCE_PRECISION_HINT": self.precision}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
@@ -70,10 +71,12 @@ class OpenVinoRunner(Runner):
         m = self.meta
         self._past = [ov.Tensor(self._kv_ov_type, [batch, m.kv_heads, 0, m.head_dim]) for _ in self._past_names]
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids):
+    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
         import openvino as ov
 
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self._has_keep:
+            feed[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
         feed.update(zip(self._past_names, self._past, strict=True))
         self.request.infer(feed)
         # Output buffers are reused by the next infer(): keep copies for the cache.
@@ -87,6 +90,27 @@ class OpenVinoRunner(Runner):
     def _deactivate_impl(self) -> None:
         self.request = self.compiled = self.model = None
         self._past = None
+
+
+def _feedable_logits_to_keep(model) -> bool:
+    """Make the graph's ``logits_to_keep`` input feedable again; False when the graph has none.
+
+    OpenVINO's ONNX frontend reads a graph input that also has an initializer (the ONNX way to
+    give an input a default) as a constant, so the input disappears from the model. The constant
+    is swapped back for a parameter of the same name (OpenVINO's documented graph-editing API:
+    ``Output.replace`` and ``Model.add_parameters``); it is then fed on every call."""
+    import openvino as ov
+
+    const = next((op for op in model.get_ops() if op.get_type_name() == "Constant"
+                  and LOGITS_TO_KEEP in op.output(0).get_names()), None)
+    if const is None:
+        return any(LOGITS_TO_KEEP in p.get_names() for p in model.inputs)
+    param = ov.opset13.parameter([], ov.Type.i64, name=LOGITS_TO_KEEP)
+    param.output(0).set_names({LOGITS_TO_KEEP})
+    const.output(0).replace(param.output(0))
+    model.add_parameters([param])
+    model.validate_nodes_and_infer_types()
+    return True
 
 
 def _copy_bf16(tensor):

@@ -280,7 +280,9 @@ class TensorRTRunner(Runner):
                     "attention_mask": self._malloc(batch * ctx * 8),
                     "logits": self._malloc(batch * pre * m.vocab_size * self._np["logits"].itemsize)}
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids):
+    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+        # TensorRT's ONNX parser reads an input that has an initializer (logits_to_keep) as a
+        # constant weight: the engine computes every position and Runner.forward cuts them.
         b, t = input_ids.shape
         if t > self.max_prefill:
             raise UsageError(f"{t} tokens in one call exceed max_prefill={self.max_prefill}; feed the prompt in "

@@ -39,12 +39,12 @@ class TorchRunner(Runner):
     def _reset_impl(self, batch: int) -> None:
         self._past = self.model.empty_past(batch)
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids):
+    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
         import torch
 
         with torch.inference_mode():
             logits, self._past = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask),
-                                            torch.from_numpy(position_ids), self._past)
+                                            torch.from_numpy(position_ids), self._past, logits_to_keep=logits_to_keep)
         return logits.numpy()
 
     def _deactivate_impl(self) -> None:

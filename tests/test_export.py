@@ -93,7 +93,11 @@ def test_portable_contract(exported):
     assert not {op for _, op in ops} & {"If", "Loop", "Scan"}
     names = [i.name for i in model.graph.input]
     assert names == ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")] + ["logits_to_keep"]
+    # logits_to_keep is optional: an initializer holding 0 (every position) gives it its default
+    init = next(t for t in model.graph.initializer if t.name == "logits_to_keep")
+    default = onnx.numpy_helper.to_array(init, base_dir=str(out))
+    assert default.shape == () and default.dtype == np.int64 and int(default) == 0
     assert [o.name for o in model.graph.output] == ["logits"] + [
         f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     types = {i.name: i.type.tensor_type for i in model.graph.input}
@@ -113,6 +117,50 @@ def test_openvino_runs_portable_with_parity(exported, hf):
     expected = hf_full_logits(hf, ids, mask)
     got = OpenVinoDecoder(out / "model.onnx").run_chunks(ids, mask, [20] + [1] * 50)
     assert np.abs(got - expected)[mask.astype(bool)].max() <= TOL
+
+
+def test_logits_to_keep_equals_the_full_logits_last_positions(artifact, hf):
+    """The graph's logits_to_keep input: the last N positions of the full logits (both flavours,
+    ONNX Runtime, and OpenVINO on the portable graph), equal to transformers' own logits_to_keep;
+    not feeding it keeps every position."""
+    import torch
+
+    from starlift.runtimes import create_runner
+
+    ids, mask = padded_ids([30, 21], 99, seed=4)
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    with torch.no_grad():
+        hf_last = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos),
+                     logits_to_keep=3).logits.numpy()
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    assert "logits_to_keep" in [i.name for i in graph.input]  # in the graph, not only cut by the runner
+    portable = json.loads((artifact / "manifest.json").read_text())["flavour"] == "portable"
+    backends = ["onnxruntime"] + (["openvino"] if portable and _has("openvino") else [])
+    for backend in backends:
+        with create_runner(backend, artifact) as runner:
+            runner.reset(2)
+            full = runner.forward(ids, mask, pos)
+            assert full.shape == (2, 30, 99)  # the default: every position
+            for keep in (1, 3, 30, 45):
+                runner.reset(2)
+                last = runner.forward(ids, mask, pos, logits_to_keep=keep)
+                assert last.shape == (2, min(keep, 30), 99), (backend, keep)
+                assert np.abs(last - full[:, -last.shape[1]:]).max() <= 1e-5, (backend, keep)
+                if keep == 3:
+                    assert np.abs(last - hf_last).max() <= TOL, backend
+            # a decode step after a last-1 prefill continues the same cache
+            step = runner.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1,
+                                  logits_to_keep=1)
+            runner.reset(2)
+            runner.forward(ids, mask, pos, logits_to_keep=1)
+            again = runner.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1)
+            assert step.shape == again.shape == (2, 1, 99) and np.abs(step - again).max() <= 1e-5
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _greedy_reference(hf, prompt, steps, eos):

@@ -38,6 +38,19 @@ def test_full_pass_matches_transformers(pair):
     assert (a - b).abs().max().item() <= TOL
 
 
+def test_logits_to_keep_matches_transformers(pair):
+    ours, ref = pair
+    ids, mask = padded_batch([30, 17], ours.config.vocab_size, seed=5)
+    pos = default_position_ids(mask, ids.shape[1])
+    with torch.no_grad():
+        full, _ = ours(ids, attention_mask=mask)
+        a, _ = ours(ids, attention_mask=mask, logits_to_keep=2)
+        b = ref(ids, attention_mask=mask, position_ids=pos, logits_to_keep=2).logits
+    assert a.shape == (2, 2, ours.config.vocab_size)
+    assert (a - b).abs().max().item() <= TOL
+    assert (a - full[:, -2:]).abs().max().item() == 0
+
+
 def test_left_padded_batch_matches_transformers(pair):
     ours, ref = pair
     ids, mask = padded_batch([30, 17, 5], ours.config.vocab_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -71,7 +72,15 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
         assert {"DynamicQuantizeMatMul", "MatMulInteger"} & ops or "DynamicQuantizeLinear" in ops
     for name in ("genai_config.json", "tokenizer.json", "config.json"):
         assert (out / name).is_file() == (fp32_artifact / name).is_file()
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "logits_to_keep" in [i.name for i in graph.input]  # the rewrites of the LM head keep it
     gen = starlift.load(out)
+    ids = np.arange(3, 23)[None]
+    gen.runner.reset(1)
+    full = gen.runner.forward(ids, np.ones_like(ids), np.arange(20)[None])
+    gen.runner.reset(1)
+    last = gen.runner.forward(ids, np.ones_like(ids), np.arange(20)[None], logits_to_keep=2)
+    assert full.shape[1] == 20 and last.shape[1] == 2 and np.abs(last - full[:, -2:]).max() <= 1e-5
     assert len(gen.generate([5, 6, 7, 8], max_new_tokens=6, ignore_eos=True)) == 6
 
 

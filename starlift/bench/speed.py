@@ -96,7 +96,7 @@ def run_decode(runner, batch: int, prompt_len: int, new_tokens: int) -> dict[str
     mask = np.ones((batch, prompt_len), np.int64)
     runner.reset(batch)
     t0 = time.perf_counter()
-    logits = runner.forward(ids, mask, np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)))
+    logits = runner.forward(ids, mask, np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)), logits_to_keep=1)
     token = logits[:, -1].argmax(-1)
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -116,7 +116,7 @@ def latency_by_position(runner, positions: list[int], reps: int = 5) -> dict[int
     for p in positions:
         ids = _prompt(vocab, 1, p)
         runner.reset(1)
-        runner.forward(ids, np.ones((1, p), np.int64), np.arange(p)[None])
+        runner.forward(ids, np.ones((1, p), np.int64), np.arange(p)[None], logits_to_keep=1)
         times = []
         for r in range(reps):
             # decode at the same position each rep: rebuild the cache only when it has grown
@@ -199,14 +199,14 @@ class TransformersRunner:
 
         self.cache = DynamicCache(config=self.model.config)
 
-    def forward(self, ids, mask, pos):
+    def forward(self, ids, mask, pos, logits_to_keep: int = 0):
         import torch
 
         with torch.inference_mode():
             out = self.model(input_ids=torch.from_numpy(np.array(ids)),
                              attention_mask=torch.from_numpy(np.array(mask)),
                              position_ids=torch.from_numpy(np.array(pos)),
-                             cache=self.cache, use_cache=True)
+                             cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
         self.cache = out.cache
         return out.logits.numpy()
 

@@ -18,6 +18,8 @@ from .fsutil import sha256_file
 FORMAT = "starlift-artifact/1"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+# The decoder's optional input: logits for the last N positions only (int64 scalar, default 0 = all).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def past_names(layers: int) -> list[str]:

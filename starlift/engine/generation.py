@@ -123,7 +123,7 @@ def generate_tokens(runner: Runner, prompts: Sequence[Sequence[int]], params: Sa
         mask[row, longest - len(prompt):] = 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     runner.reset(batch)
-    logits = runner.forward(ids, mask, positions)[:, -1, :]
+    logits = runner.forward(ids, mask, positions, logits_to_keep=1)[:, -1, :]  # the LM head on the last position only
     rng = np.random.default_rng(params.seed)
     history = [list(p) for p in prompts]
     processors = params.processors()
