@@ -1,4 +1,4 @@
-"""``starlift profile``: where a decode step's time goes on ONNX Runtime.
+"""``starlift profile``: where a decode step's (or, with ``--prefill N``, a prefill's) time goes on ONNX Runtime.
 
 Two passes over the same greedy generation (``generate_tokens``, the loop every starlift API
 uses), after a prefill that is not counted:
@@ -102,11 +102,69 @@ def run(path: str | Path, prompt_len: int = 128, steps: int = 64, batch: int = 1
     }
 
 
+def run_prefill(path: str | Path, prompt_len: int = 1024, threads: int | None = None, reps: int = 3,
+                session_config: dict[str, str] | None = None) -> dict[str, Any]:
+    """Where a prefill's time goes: a ``prompt_len``-token prompt on an empty cache, as generation
+    runs it (logits of the last position only), timed unprofiled (best of ``reps``) against the
+    same prefill computing every position's logits, then once more under ORT's kernel profiler."""
+    from starlift.api import is_artifact
+    from starlift.bench.speed import _prompt
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    path = Path(path)
+    if not is_artifact(path):
+        raise UsageError(f"{path} is not an artifact folder (no manifest.json); export it first")
+    if prompt_len < 1 or reps < 1:
+        raise UsageError("--prefill and --reps must be >= 1")
+    options = {"threads": threads} if threads else {}
+    if session_config:
+        options["session_config"] = session_config
+
+    def prefill(runner, keep: int) -> float:
+        ids = _prompt(runner.meta.vocab_size, 1, prompt_len)
+        runner.reset(1)
+        start = time.perf_counter()
+        runner.forward(ids, np.ones_like(ids), np.arange(prompt_len)[None], logits_to_keep=keep)
+        return time.perf_counter() - start
+
+    with OnnxRuntimeRunner(path / "model.onnx", **options) as runner:
+        prefill(runner, 1)  # warm-up
+        last = [prefill(runner, 1) for _ in range(reps)]
+        every = [prefill(runner, 0) for _ in range(reps)]
+    trace = None
+    try:
+        with OnnxRuntimeRunner(path / "model.onnx", profile=True, **options) as runner:
+            prefill(runner, 1)
+            prefill(runner, 1)
+            trace = runner.end_profiling()
+        by_op, run_us, n = _kernels(trace, 1)
+    finally:
+        if trace and os.path.exists(trace):
+            os.remove(trace)
+    kernels_us = sum(by_op.values())
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1])
+    return {
+        "path": str(path), "prefill_len": prompt_len, "session_config": session_config or {},
+        "prefill_ms": min(last) * 1e3, "prefill_all_logits_ms": min(every) * 1e3,
+        "prefill_tokens_per_s": prompt_len / min(last),
+        "profiled": {"run_ms": run_us / n / 1e3, "kernels_ms": kernels_us / n / 1e3,
+                     "framework_ms": (run_us - kernels_us) / n / 1e3,
+                     "by_op_ms": {op: us / n / 1e3 for op, us in ops},
+                     "by_op_fraction": {op: us / kernels_us for op, us in ops}},
+    }
+
+
 def format_report(r: dict[str, Any], top: int = 12) -> str:
     p = r["profiled"]
-    lines = [f"{r['path']}: batch {r['batch']}, prompt {r['prompt_len']}, {r['steps']} decode steps",
-             f"step {r['step_ms']:.3f} ms ({r['tokens_per_s']:.1f} tok/s): inside ORT {r['ort_run_ms']:.3f} ms, "
-             f"starlift Python {r['python_overhead_ms']:.3f} ms ({r['python_overhead_fraction'] * 100:.1f}%)",
+    if "prefill_len" in r:
+        head = [f"{r['path']}: prefill of {r['prefill_len']} tokens, batch 1, empty cache",
+                f"prefill {r['prefill_ms']:.1f} ms ({r['prefill_tokens_per_s']:.0f} tok/s) with the last position's "
+                f"logits; {r['prefill_all_logits_ms']:.1f} ms computing every position's"]
+    else:
+        head = [f"{r['path']}: batch {r['batch']}, prompt {r['prompt_len']}, {r['steps']} decode steps",
+                f"step {r['step_ms']:.3f} ms ({r['tokens_per_s']:.1f} tok/s): inside ORT {r['ort_run_ms']:.3f} ms, "
+                f"starlift Python {r['python_overhead_ms']:.3f} ms ({r['python_overhead_fraction'] * 100:.1f}%)"]
+    lines = [*head,
              f"profiled run {p['run_ms']:.3f} ms: kernels {p['kernels_ms']:.3f} ms, "
              f"ORT framework between kernels {p['framework_ms']:.3f} ms",
              f"{'op type':<32} {'ms/step':>8} {'share':>7}"]

@@ -21,7 +21,7 @@ import numpy as np
 from starlift.core.errors import StarliftError, UsageError
 
 # Rows that are not starlift: what a user would pick instead (the "vs best peer" column compares with these).
-PEER_BACKENDS = ("transformers", "optimum-onnx", "onnxruntime-genai")
+PEER_BACKENDS = ("transformers", "optimum-onnx", "onnxruntime-genai", "llama.cpp")
 OPTIMUM_PRECISIONS = ("fp32", "int8", "int4")
 DEFAULT_OPTIMUM_CACHE = Path("~/.cache/starlift/optimum-onnx")
 
@@ -252,21 +252,25 @@ class GenaiPeer:
         return {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (time.perf_counter() - t1)}
 
 
-class OptimumPeer:
-    """optimum-onnx's export of the checkpoint, run by ``ORTModelForCausalLM`` in a subprocess of an
-    interpreter that has optimum-onnx (it needs transformers<4.58; starlift uses 5.x):
-    ``optimum_worker.py`` exports (cached in ``cache_dir``), quantizes and answers requests.
-    Measured end to end like GenaiPeer, so no latency-by-position curve."""
+class WorkerPeer:
+    """A peer that runs in a subprocess of another interpreter (its own venv), driven by one JSON
+    request per stdin line and one JSON reply per stdout line; the first reply says it is ready.
+    Subclasses give the command line (``_command``) and read the ready reply (``_ready``)."""
 
-    name = "optimum-onnx"
-    WORKER = Path(__file__).with_name("optimum_worker.py")
+    name = "worker"
+    label = "peer"  # for error messages
+    venv_hint = ""
 
-    def __init__(self, python: str | Path, checkpoint: Path, precision: str, cache_dir: str | Path | None = None,
-                 threads: int | None = None):
+    def __init__(self, python: str | Path, checkpoint: Path, precision: str, threads: int | None = None):
         self.python, self.checkpoint, self.precision = str(python), Path(checkpoint), precision
-        self.cache_dir = Path(cache_dir or DEFAULT_OPTIMUM_CACHE).expanduser()
         self.threads = threads
         self.proc = self.log = None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self, reply: dict) -> None:
+        self.weight_bytes, self.rss_bytes = int(reply["weight_bytes"]), int(reply["rss_bytes"])
 
     def activate(self):
         from starlift.model import Starcoder2Config
@@ -275,22 +279,18 @@ class OptimumPeer:
         c = Starcoder2Config.from_hf(self.checkpoint)
         self.meta = ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size,
                               np.dtype(np.float32), c.max_position_embeddings)
-        cmd = [self.python, str(self.WORKER), str(self.checkpoint), "--precision", self.precision,
-               "--workdir", str(self.cache_dir)] + (["--threads", str(self.threads)] if self.threads else [])
-        # stderr to a file: the export logs a lot, and a pipe nobody reads would block the worker
+        # stderr to a file: exports and conversions log a lot, and a pipe nobody reads would block the worker
         self.log = tempfile.TemporaryFile(mode="w+")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         try:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                         text=True, bufsize=1, env=env)
+            self.proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.log, text=True, bufsize=1, env=env)
         except OSError as e:
-            raise UsageError(f"--optimum {self.python}: cannot run it ({e}); pass the python of a venv with "
-                             "optimum-onnx (`make optimum-venv` makes .venv-optimum/bin/python)") from None
+            raise UsageError(f"{self.label} {self.python}: cannot run it ({e}); {self.venv_hint}") from None
         ready = self._receive()
         if not ready.get("ready"):
             self._fail(f"unexpected first reply {ready}")
-        self.weight_bytes, self.rss_bytes = int(ready["weight_bytes"]), int(ready["rss_bytes"])
-        self.folder = ready.get("folder")
+        self._ready(ready)
         return self
 
     def _receive(self) -> dict:
@@ -321,16 +321,9 @@ class OptimumPeer:
         errors = [x for x in lines if x.startswith("error: ")]
         detail = errors[-1][len("error: "):] if errors else " | ".join(lines[-5:]) or "no message"
         self.proc = None
-        if code == 3:  # the interpreter has no optimum-onnx
-            raise UsageError(f"--optimum: {detail}")
-        raise PeerError(f"optimum-onnx peer ({self.precision}, {self.python}): {what} (exit {code}): {detail}")
-
-    def decode(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-        return self.request({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seed": 0})
-
-    def greedy(self, ids, new_tokens: int) -> dict:
-        """Greedy tokens and each step's logits for ``ids`` (a batch of equal-length prompts)."""
-        return self.request({"cmd": "greedy", "ids": np.asarray(ids).tolist(), "new_tokens": new_tokens})
+        if code == 3:  # the interpreter lacks the peer's library
+            raise UsageError(f"{self.label}: {detail}")
+        raise PeerError(f"{self.name} peer ({self.precision}, {self.python}): {what} (exit {code}): {detail}")
 
     def deactivate(self):
         if self.proc is not None:
@@ -343,6 +336,39 @@ class OptimumPeer:
             self.proc = None
         if self.log is not None:
             self.log.close()
+            self.log = None
+
+
+class OptimumPeer(WorkerPeer):
+    """optimum-onnx's export of the checkpoint, run by ``ORTModelForCausalLM`` in a subprocess of an
+    interpreter that has optimum-onnx (it needs transformers<4.58; starlift uses 5.x):
+    ``optimum_worker.py`` exports (cached in ``cache_dir``), quantizes and answers requests.
+    Measured end to end like GenaiPeer, so no latency-by-position curve."""
+
+    name = "optimum-onnx"
+    label = "--optimum"
+    venv_hint = "pass the python of a venv with optimum-onnx (`make optimum-venv` makes .venv-optimum/bin/python)"
+    WORKER = Path(__file__).with_name("optimum_worker.py")
+
+    def __init__(self, python: str | Path, checkpoint: Path, precision: str, cache_dir: str | Path | None = None,
+                 threads: int | None = None):
+        super().__init__(python, checkpoint, precision, threads)
+        self.cache_dir = Path(cache_dir or DEFAULT_OPTIMUM_CACHE).expanduser()
+
+    def _command(self) -> list[str]:
+        return [self.python, str(self.WORKER), str(self.checkpoint), "--precision", self.precision,
+                "--workdir", str(self.cache_dir)] + (["--threads", str(self.threads)] if self.threads else [])
+
+    def _ready(self, reply: dict) -> None:
+        super()._ready(reply)
+        self.folder = reply.get("folder")
+
+    def decode(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+        return self.request({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seed": 0})
+
+    def greedy(self, ids, new_tokens: int) -> dict:
+        """Greedy tokens and each step's logits for ``ids`` (a batch of equal-length prompts)."""
+        return self.request({"cmd": "greedy", "ids": np.asarray(ids).tolist(), "new_tokens": new_tokens})
 
 
 def _optimum_rows(python: str, reference: Path, precisions, cache_dir, threads: int | None) -> list[_Row]:
@@ -357,7 +383,7 @@ def _optimum_rows(python: str, reference: Path, precisions, cache_dir, threads: 
 
 
 def _has_own_loop(runner) -> bool:
-    return isinstance(runner, (GenaiPeer, OptimumPeer))
+    return isinstance(runner, (GenaiPeer, WorkerPeer))
 
 
 def _decode(row, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
@@ -369,7 +395,8 @@ def _decode(row, batch: int, prompt_len: int, new_tokens: int) -> dict[str, floa
 def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens: int = 128,
         batches: tuple[int, ...] = (1, 4, 8), reps: int = 3, peers_reference: str | None = None,
         genai: bool = False, optimum_python: str | None = None, optimum_precisions=OPTIMUM_PRECISIONS,
-        optimum_cache: str | None = None,
+        optimum_cache: str | None = None, llama_cpp: str | None = None, llama_cpp_quants=("f32", "q8_0", "q4_0"),
+        llama_cpp_cache: str | None = None,
         threads: int | None = None, positions: list[int] | None = None, progress: bool = True,
         sequential: bool = False) -> dict[str, Any]:
     """Measure every row; rows are loaded together and timed round-robin, or with
@@ -399,6 +426,13 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
         rows.extend(_peer_rows(Path(peers_reference), threads))
     if optimum_python:
         rows.extend(_optimum_rows(optimum_python, Path(peers_reference), optimum_precisions, optimum_cache, threads))
+    if llama_cpp:
+        if not peers_reference:
+            raise UsageError("--llama-cpp needs --peers CHECKPOINT: llama.cpp converts that Hugging Face checkpoint")
+        from . import llama_cpp as llama
+
+        rows.extend(llama.rows(llama_cpp, Path(peers_reference), llama_cpp_quants, llama_cpp_cache, threads,
+                               n_ctx=prompt_len + new_tokens + 16))
     if genai:
         for p in paths:
             base = first.get(p) or _artifact_row(Path(p), "onnxruntime", threads)
@@ -424,7 +458,7 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
                 row.runner.deactivate()
     finally:
         for row in rows:  # subprocess peers must not outlive a failed run
-            if isinstance(row.runner, OptimumPeer):
+            if isinstance(row.runner, WorkerPeer):
                 row.runner.deactivate()
     bandwidth.append(memory_bandwidth())
     best_bw = max(bandwidth)
@@ -438,8 +472,10 @@ def _activate(row: _Row, prompt_len: int) -> None:
     base = _rss()
     row.runner = row.make_runner().activate()
     row.rss = _rss() - base
-    if isinstance(row.runner, OptimumPeer):  # another process: its own RSS growth, its export's size
+    if isinstance(row.runner, WorkerPeer):  # another process: its own RSS growth, its model's size
         row.rss, row.weight_bytes = row.runner.rss_bytes, row.runner.weight_bytes
+        row.read_bytes = row.weight_bytes
+    if isinstance(row.runner, OptimumPeer):
         graphs = sorted(Path(row.runner.folder).glob("*.onnx")) if row.runner.folder else []
         row.read_bytes = decode_read_bytes(graphs[0]) if len(graphs) == 1 else row.weight_bytes
     _decode(row, 1, min(prompt_len, 16), 4)  # warm-up
@@ -448,7 +484,8 @@ def _activate(row: _Row, prompt_len: int) -> None:
 def _timed(rows, batches, reps, prompt_len, new_tokens, progress) -> None:
     from starlift.core.progress import progress_bar
 
-    work = [(row, batch) for _ in range(reps) for batch in batches for row in rows]
+    work = [(row, batch) for _ in range(reps) for batch in batches for row in rows
+            if batch <= getattr(row.runner, "max_batch", batch)]  # llama.cpp's binding: batch 1 only
     for row, batch in progress_bar(work, desc="bench", enabled=progress):
         r = _decode(row, batch, prompt_len, new_tokens)
         row.add(f"tokens_per_s@{batch}", r["decode_tokens_per_s"])
@@ -466,8 +503,9 @@ def _summarize(row, bandwidth, batches, prompt_len, new_tokens, positions) -> di
     return {
         "name": row.name, "path": row.path, "backend": row.backend, "precision": row.precision,
         "decode_tokens_per_s": tps1, "ttft_s": med["ttft_s"],
-        "throughput_tokens_per_s": {b: med[f"tokens_per_s@{b}"] for b in batches},
-        "batch_scaling": {b: med[f"tokens_per_s@{b}"] / tps1 for b in batches},
+        "throughput_tokens_per_s": {b: med.get(f"tokens_per_s@{b}") for b in batches},
+        "batch_scaling": {b: med[f"tokens_per_s@{b}"] / tps1 if f"tokens_per_s@{b}" in med else None
+                          for b in batches},
         "rss_bytes": row.rss, "weight_bytes": row.weight_bytes,
         # bytes one decode step reads: weights at their stored precision + the KV cache at mid-run
         "weights_read_per_step_bytes": row.read_bytes,
@@ -505,6 +543,10 @@ def _compare(results, bandwidth, samples, prompt_len, new_tokens, batches, reps,
             "results": results}
 
 
+def _cell(value: float | None, width: int) -> str:
+    return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+
+
 def format_table(report: dict[str, Any]) -> str:
     bw = report["machine"]["memory_bandwidth_bytes_per_s"] / 1e9
     s = report["settings"]
@@ -519,7 +561,7 @@ def format_table(report: dict[str, Any]) -> str:
 
     for r in report["results"]:
         lines.append(f"{r['name']:<28} {r['backend']:<17} {r['decode_tokens_per_s']:>8.1f} {r['ttft_s'] * 1e3:>8.1f} "
-                     + " ".join(f"{r['throughput_tokens_per_s'][b]:>10.1f}" for b in s["batches"])
+                     + " ".join(_cell(r["throughput_tokens_per_s"][b], 10) for b in s["batches"])
                      + f" {r['rss_bytes'] / 2**20:>8.0f} {r['roofline_fraction'] * 100:>7.1f}%"
                      + f" {ratio(r, 'vs_transformers', 6)} {ratio(r, 'vs_best_peer', 12)}")
     def paired(r):

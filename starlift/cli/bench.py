@@ -12,6 +12,10 @@ from starlift.runtimes import BACKENDS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="artifact folders (every one is a row)")
+    p.add_argument("--workload", choices=("decode", "latency"), default="decode",
+                   help="decode: tokens/s, TTFT, batches, memory; latency: the code-completion workload (TTFT on "
+                        "long prompts, fill-in-the-middle and edit requests from held-out files, end-to-end latency), "
+                        "see starlift/bench/latency.py")
     p.add_argument("--backend", action="append", default=None, choices=list(BACKENDS),
                    help="backend to run the artifacts on (repeatable; default: onnxruntime)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the timed decode")
@@ -34,9 +38,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimum-cache", metavar="DIR", default=None,
                    help="where optimum-onnx exports are cached, keyed by checkpoint and precision "
                         "(default ~/.cache/starlift/optimum-onnx)")
+    p.add_argument("--llama-cpp", metavar="PYTHON_OR_DIR", default=None,
+                   help="also run llama.cpp (llama-cpp-python) on the --peers checkpoint, converted by llama.cpp's own "
+                        "convert_hf_to_gguf.py: the folder `make llama-cpp` wrote (default ~/.cache/starlift/llama.cpp) "
+                        "or its venv's python; batch 1 only")
+    p.add_argument("--llama-cpp-quant", default="f32,q8_0,q4_0", metavar="LIST",
+                   help="comma-separated llama.cpp rows: f32, q8_0, q4_0, q4_k_m (default f32,q8_0,q4_0)")
+    p.add_argument("--llama-cpp-cache", metavar="DIR", default=None,
+                   help="where GGUF conversions are cached (default ~/.cache/starlift/gguf)")
     p.add_argument("--sequential", action="store_true",
                    help="load and time one row at a time, for models that do not fit in memory together "
                         "(rows are then not interleaved)")
+    g = p.add_argument_group("latency workload (--workload latency)")
+    g.add_argument("--ttft-lens", default="1024,4096", metavar="LIST", help="prompt lengths for time to first token")
+    g.add_argument("--fim-prefix", default="1024,4096", metavar="LIST",
+                   help="fill-in-the-middle prefix budgets in tokens (clipped to the model's context)")
+    g.add_argument("--fim-suffix", type=int, default=128, help="fill-in-the-middle suffix tokens")
+    g.add_argument("--fim-new-tokens", type=int, default=32, help="tokens generated per fill-in-the-middle request")
+    g.add_argument("--edit-tokens", type=int, default=512, help="tokens of the file the edit request re-emits")
+    g.add_argument("--edit-new-tokens", type=int, default=64, help="tokens generated per edit request")
+    g.add_argument("--requests", type=int, default=3, help="requests per fim size and for edit")
+    g.add_argument("--llama-cpp-flash-attn", action="store_true",
+                   help="llama.cpp with flash attention (default: off)")
     p.add_argument("--json", default=None, help="write the report here (default: only the table is printed)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib; default: no chart)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
@@ -52,8 +75,29 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
+def _latency(args: argparse.Namespace) -> int:
+    from starlift.bench import latency
+
+    quants = tuple(x.strip() for x in args.llama_cpp_quant.split(",") if x.strip())
+    report = latency.run(args.paths, args.backend or ["onnxruntime"], args.peers, llama_cpp=args.llama_cpp,
+                         llama_cpp_quants=quants, llama_cpp_cache=args.llama_cpp_cache,
+                         flash_attn=args.llama_cpp_flash_attn, ttft_lens=_ints(args.ttft_lens, "--ttft-lens"),
+                         fim_prefixes=_ints(args.fim_prefix, "--fim-prefix"), fim_suffix=args.fim_suffix,
+                         fim_new=args.fim_new_tokens, edit_tokens=args.edit_tokens, edit_new=args.edit_new_tokens,
+                         requests_per_size=args.requests, reps=args.reps, threads=args.threads,
+                         progress=not args.no_progress)
+    print(latency.format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from starlift.bench import speed as bench
+
+    if args.workload == "latency":
+        return _latency(args)
 
     batches = tuple(sorted(set([1, *_ints(args.batch, "--batch")])))
     positions = _ints(args.positions, "--positions") if args.positions else None
@@ -61,6 +105,8 @@ def main(args: argparse.Namespace) -> int:
                        new_tokens=args.new_tokens, batches=batches, reps=args.reps, peers_reference=args.peers, genai=args.genai,
                        optimum_python=args.optimum, optimum_cache=args.optimum_cache,
                        optimum_precisions=tuple(x.strip() for x in args.optimum_precision.split(",") if x.strip()),
+                       llama_cpp=args.llama_cpp, llama_cpp_cache=args.llama_cpp_cache,
+                       llama_cpp_quants=tuple(x.strip() for x in args.llama_cpp_quant.split(",") if x.strip()),
                        threads=args.threads, positions=positions, progress=not args.no_progress,
                        sequential=args.sequential)
     print(bench.format_table(report))

@@ -15,14 +15,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="unprofiled repetitions; the fastest is reported")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own choice)")
     p.add_argument("--top", type=int, default=12, help="op types listed")
+    p.add_argument("--prefill", type=int, default=None, metavar="N",
+                   help="profile a prefill of N tokens instead of decode steps (logits of the last position, as "
+                        "generation computes them; also timed computing every position's; default: decode steps)")
+    p.add_argument("--session-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="an ONNX Runtime session config entry, e.g. session.disable_prepacking=1 (repeatable; "
+                        "default: none)")
     p.add_argument("--json", default=None, help="write the full report here (default: only the summary is printed)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from starlift.bench.profile import format_report, run
+    from starlift.bench.profile import format_report, run, run_prefill
+    from starlift.core.errors import UsageError
 
-    report = run(args.artifact, prompt_len=args.prompt_len, steps=args.steps, batch=args.batch,
-                 threads=args.threads, reps=args.reps)
+    config = {}
+    for entry in args.session_config:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--session-config takes KEY=VALUE, got {entry!r}")
+        config[key] = value
+    if args.prefill is not None:
+        report = run_prefill(args.artifact, prompt_len=args.prefill, threads=args.threads, reps=args.reps,
+                             session_config=config)
+    else:
+        report = run(args.artifact, prompt_len=args.prompt_len, steps=args.steps, batch=args.batch,
+                     threads=args.threads, reps=args.reps)
     print(format_report(report, top=args.top))
     if args.json:
         with open(args.json, "w") as f:
