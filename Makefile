@@ -20,7 +20,8 @@ demo: $(VENV)/bin/python
 
 test: $(VENV)/bin/python optimum-venv
 	$(PIP) install -q $(TORCH) -e ".[test]"
-	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python $(VENV)/bin/python -m pytest -q
+	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python STARLIFT_LLAMA_CPP=$(LLAMA_DIR) \
+		$(VENV)/bin/python -m pytest -q
 
 # The documentation site (MkDocs + mkdocstrings), warnings as errors: into site/.
 docs: $(VENV)/bin/python

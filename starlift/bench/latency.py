@@ -10,8 +10,9 @@ this Python's standard library and checked by sha256):
 - ``fim P``: fill in the middle: up to P tokens before a cursor placed at a line start (earlier
   held-out files before it when the file is shorter), up to S tokens after it, then N new tokens.
 - ``edit``: re-emitting a file with a small change: the original (E tokens) after
-  ``<file_sep>``, then the file again with one identifier renamed, cut after its first lines; the
-  model continues it for N new tokens (the workload where prompt-lookup drafts will shine).
+  ``<file_sep>``, then the file again with one identifier renamed, cut after its first changed
+  line; the model continues it for N new tokens (the workload where prompt-lookup drafts will
+  shine; the request keeps the edited file's next tokens as ``reference_continuation``).
 
 Every row generates greedily exactly N tokens (EOS does not stop it, so every row does the same
 work) from the same token ids: starlift's rows through ``generate_tokens`` (the generation loop
@@ -114,8 +115,10 @@ def build_requests(tokenizer, files: list[tuple[str, str]], context: int, ttft_l
         original = tokenizer.decode(tokenizer.encode(text)[:edit_tokens])
         original = original[:original.rfind("\n") + 1] or original
         edited = _rename_one_identifier(original)
-        keep_lines = max(1, original.count("\n") // 8)
-        head = "".join(edited.splitlines(keepends=True)[:keep_lines])
+        # the edited file up to its first changed line: the model goes on re-emitting from there
+        old_lines, new_lines = original.splitlines(keepends=True), edited.splitlines(keepends=True)
+        first = next((k for k, (a, b) in enumerate(zip(old_lines, new_lines, strict=True)) if a != b), 0)
+        head = "".join(new_lines[:first + 1])
         ids = [sep, *tokenizer.encode(original), sep, *tokenizer.encode(head)]
         if len(ids) + edit_new > context:
             raise UsageError(f"the edit workload ({len(ids)} + {edit_new} tokens) does not fit the context of "
