@@ -117,7 +117,7 @@ class OnnxRuntimeRunner(Runner):
         """One IO binding per cache buffer: past and present bound to the same memory, once, so a
         decode step binds only its three small inputs (fewer Python calls per token)."""
         self._io, self._logits = None, None
-        self._bound_keep = 0  # an unbound logits_to_keep takes its initializer's default, 0
+        self._bound_keep = None
         if self.shared_kv:
             self._io = self.session.io_binding()
             self._io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot

@@ -146,9 +146,13 @@ def test_logits_to_keep_equals_the_full_logits_last_positions(artifact, hf):
                 last = runner.forward(ids, mask, pos, logits_to_keep=keep)
                 assert last.shape == (2, min(keep, 30), 99), (backend, keep)
                 assert np.abs(last - full[:, -last.shape[1]:]).max() <= 1e-5, (backend, keep)
+                runner.reset(2)  # the graph itself computed only those positions (not cut afterwards)
+                assert runner._forward_impl(ids, mask, pos, keep).shape[1] == min(keep, 30), (backend, keep)
                 if keep == 3:
                     assert np.abs(last - hf_last).max() <= TOL, backend
             # a decode step after a last-1 prefill continues the same cache
+            runner.reset(2)
+            runner.forward(ids, mask, pos, logits_to_keep=1)
             step = runner.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1,
                                   logits_to_keep=1)
             runner.reset(2)

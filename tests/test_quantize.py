@@ -80,7 +80,13 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
     full = gen.runner.forward(ids, np.ones_like(ids), np.arange(20)[None])
     gen.runner.reset(1)
     last = gen.runner.forward(ids, np.ones_like(ids), np.arange(20)[None], logits_to_keep=2)
-    assert full.shape[1] == 20 and last.shape[1] == 2 and np.abs(last - full[:, -2:]).max() <= 1e-5
+    assert full.shape[1] == 20 and last.shape[1] == 2
+    if kwargs.get("int8_method") == "dynamic":
+        # quantize_dynamic scales the head's input per tensor: the rows present set the scale, so
+        # the last rows alone are quantized a little differently (as they are in another batch)
+        assert (last.argmax(-1) == full[:, -2:].argmax(-1)).all() and np.abs(last - full[:, -2:]).max() <= 0.5
+    else:
+        assert np.abs(last - full[:, -2:]).max() <= 1e-5
     assert len(gen.generate([5, 6, 7, 8], max_new_tokens=6, ignore_eos=True)) == 6
 
 
