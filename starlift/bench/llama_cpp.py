@@ -53,8 +53,10 @@ class LlamaCppPeer(WorkerPeer):
     def __init__(self, python_or_dir: str | Path, checkpoint: Path, quant: str, cache_dir: str | Path | None = None,
                  threads: int | None = None, n_ctx: int = 8192, flash_attn: bool = False,
                  pre_tokenizer: str | None = PRE_TOKENIZER):
+        from starlift.model import resolve_checkpoint
+
         python, self.tree = resolve(python_or_dir)
-        super().__init__(python, checkpoint, quant, threads)
+        super().__init__(python, resolve_checkpoint(checkpoint), quant, threads)
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()
         self.n_ctx, self.flash_attn, self.pre_tokenizer = n_ctx, flash_attn, pre_tokenizer
 
@@ -84,8 +86,9 @@ class LlamaCppPeer(WorkerPeer):
 
 def rows(python_or_dir: str, reference: Path, quants, cache_dir, threads: int | None, n_ctx: int = 8192,
          flash_attn: bool = False) -> list[_Row]:
-    from starlift.model import Starcoder2Config
+    from starlift.model import Starcoder2Config, resolve_checkpoint
 
+    reference = resolve_checkpoint(reference)  # a folder or a bundled name (the worker gets a folder)
     bad = [q for q in quants if q not in QUANTS]
     if bad or not quants:
         raise UsageError(f"--llama-cpp-quant takes {', '.join(QUANTS)}, got {bad or 'nothing'}")
