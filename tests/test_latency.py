@@ -101,7 +101,8 @@ def test_llama_cpp_peer_converts_nano_and_agrees_with_starlift(nano_ort, tmp_pat
 def test_bench_llama_cpp_rows(nano_ort, tmp_path):
     folder = _llama_dir()
     exe = Path(sys.executable).with_name("starlift")
-    proc = subprocess.run([str(exe), "bench", str(nano_ort), "--peers", "starcoder2-nano", "--llama-cpp", str(folder),
+    nano = str(resolve_checkpoint("starcoder2-nano"))
+    proc = subprocess.run([str(exe), "bench", str(nano_ort), "--peers", nano, "--llama-cpp", str(folder),
                            "--llama-cpp-quant", "f32", "--llama-cpp-cache", str(tmp_path / "gguf"), "--prompt-len", "16",
                            "--new-tokens", "4", "--batch", "1,2", "--reps", "1", "--positions", "16",
                            "--json", str(tmp_path / "b.json"), "--no-progress"],
