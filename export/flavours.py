@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from starlift.core.errors import StarliftError
 from starlift.core.artifact import LOGITS_TO_KEEP
+from starlift.core.errors import StarliftError
 
 FLAVOURS = ("portable", "ort")
 
