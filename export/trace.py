@@ -91,8 +91,14 @@ def add_logits_to_keep(model: ir.Model) -> None:
     ``logits_to_keep`` does the same slice in torch.
     """
     graph = model.graph
+    def source(value: ir.Value | None) -> str | None:
+        # fp16/bf16 exports run the norm in fp32: its weight arrives through a Cast
+        while value is not None and value.producer() is not None and value.producer().op_type == "Cast":
+            value = value.producer().inputs[0]
+        return None if value is None else value.name
+
     norm = next((n for n in graph if n.op_type == "LayerNormalization" and len(n.inputs) > 1
-                 and n.inputs[1] is not None and n.inputs[1].name == "model.norm.weight"), None)
+                 and source(n.inputs[1]) == "model.norm.weight"), None)
     if norm is None:
         raise ValueError("the traced graph has no final LayerNormalization (model.norm.weight): cannot find the LM head")
     hidden = norm.outputs[0]

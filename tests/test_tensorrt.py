@@ -64,9 +64,12 @@ def ort_flavour(tiny_checkpoint, tmp_path_factory):
 
 
 def onnx_inputs(path) -> dict[str, tuple]:
+    """The inputs TensorRT's parser builds a profile for: an input that also has an initializer
+    (logits_to_keep, default 0) is read as a constant weight there, not as a network input."""
     graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
     return {i.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
-            for i in graph.input}
+            for i in graph.input if i.name not in weights}
 
 
 # ---- graph checks ---------------------------------------------------------------------------
