@@ -152,7 +152,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{folder}: missing tensor(s) {shown}; the checkpoint is incomplete")
     model.load_state_dict(state, strict=True, assign=True)
-    model.rotary = RotaryEmbedding(config)  # non-persistent buffer: rebuilt off the meta device
+    model.model.rotary = RotaryEmbedding(config)  # non-persistent buffer: rebuilt off the meta device
     return model.eval()
 
 
@@ -210,7 +210,7 @@ def init_random(config: Starcoder2Config, seed: int = 0, dtype: torch.dtype = to
             t = 0.02 * torch.randn(p.shape, generator=gen)
         state[name] = t.to(dtype)
     model.load_state_dict(state, assign=True)
-    model.rotary = RotaryEmbedding(config)
+    model.model.rotary = RotaryEmbedding(config)
     return model.eval()
 
 

@@ -137,20 +137,52 @@ class DecoderLayer(nn.Module):
 
 
 class Starcoder2Model(nn.Module):
-    """Embeddings, decoder layers and final norm; named as transformers names them."""
+    """The body every head sits on: embeddings, decoder layers and final norm, named as
+    transformers names them. ``forward(input_ids, attention_mask, position_ids, past) ->
+    (hidden, present)``: the final-norm hidden states (B, T, hidden) and one ``(key, value)``
+    per layer, each (B, G, P + T, D).
+    """
 
     def __init__(self, config: Starcoder2Config):
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                past: list[KV] | tuple[KV, ...] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        batch, query_len = input_ids.shape
+        past_len = past[0][0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_len + query_len, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, query_len)
+        allowed = attention_allowed(attention_mask, query_len, self.config.attention_window)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        present: list[KV] = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, allowed, past[i] if past else None)
+            present.append(kv)
+        return self.norm(x), present
+
+    def empty_past(self, batch: int = 1) -> list[KV]:
+        """A zero-length cache: prefill is a decode step with no past."""
+        c = self.config
+        p = self.embed_tokens.weight
+        shape = (batch, c.num_key_value_heads, 0, c.head_dim)
+        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.num_hidden_layers)]
 
 
 class Starcoder2(nn.Module):
     """StarCoder2 causal LM: ``forward(input_ids, attention_mask, position_ids, past) -> (logits, present)``.
 
     ``past``/``present``: one ``(key, value)`` per layer, each (B, G, P, D). ``attention_mask``:
-    (B, P + T), 0 marks left padding. Logits are float32 whatever the model dtype.
+    (B, P + T), 0 marks left padding. Logits are float32 whatever the model dtype. The body is
+    ``self.model`` (:class:`Starcoder2Model`); the LM head is the tied embedding or ``lm_head``.
     ``logits_to_keep`` (transformers' name): N > 0 computes logits for the last N positions only,
     (B, min(N, T), vocab); 0 keeps every position. Generation reads one position per prefill, and
     at 1,024 tokens x 49,152 vocab the LM head is a quarter of a prefill's multiplications.
@@ -158,12 +190,19 @@ class Starcoder2(nn.Module):
 
     def __init__(self, config: Starcoder2Config):
         super().__init__()
-        self.config = config
         self.model = Starcoder2Model(config)
-        self.rotary = RotaryEmbedding(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.eval()  # there is no training-only behaviour (dropout) in this module
+
+    @property
+    def config(self) -> Starcoder2Config:
+        """The body's config: one object, so replacing it here changes what the body computes."""
+        return self.model.config
+
+    @config.setter
+    def config(self, value: Starcoder2Config) -> None:
+        self.model.config = value
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -175,20 +214,7 @@ class Starcoder2(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 past: list[KV] | tuple[KV, ...] | None = None,
                 logits_to_keep: int = 0) -> tuple[torch.Tensor, list[KV]]:
-        batch, query_len = input_ids.shape
-        past_len = past[0][0].shape[2] if past else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past_len + query_len, dtype=torch.long, device=input_ids.device)
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, query_len)
-        allowed = attention_allowed(attention_mask, query_len, self.config.attention_window)
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = self.rotary(position_ids, x.dtype)
-        present: list[KV] = []
-        for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, allowed, past[i] if past else None)
-            present.append(kv)
-        x = self.model.norm(x)
+        x, present = self.model(input_ids, attention_mask, position_ids, past)
         if logits_to_keep:  # a Python int: the exporter adds the graph's own Slice (export/trace.py)
             x = x[:, -logits_to_keep:]  # (B, N, hidden)
         logits = F.linear(x, self.lm_head_weight).float()  # (B, T or N, vocab)
@@ -196,7 +222,4 @@ class Starcoder2(nn.Module):
 
     def empty_past(self, batch: int = 1) -> list[KV]:
         """A zero-length cache: prefill is a decode step with no past."""
-        c = self.config
-        p = next(self.parameters())
-        shape = (batch, c.num_key_value_heads, 0, c.head_dim)
-        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.num_hidden_layers)]
+        return self.model.empty_past(batch)
