@@ -11,10 +11,13 @@ import importlib
 
 # public name -> the submodule that defines it
 _WHERE = {
-    "PRESETS": "config", "Starcoder2Config": "config", "preset": "config",
+    "PRESETS": "config", "HeadConfig": "config", "Starcoder2Config": "config", "preset": "config",
     "bundled_checkpoints": "folders", "resolve_checkpoint": "folders", "weight_files": "folders",
     "StreamDecoder": "tokenizer", "Tokenizer": "tokenizer",
-    "Starcoder2": "modeling", "attention_allowed": "modeling", "default_position_ids": "modeling",
+    "Starcoder2": "modeling", "Starcoder2Model": "modeling", "attention_allowed": "modeling",
+    "default_position_ids": "modeling",
+    "Starcoder2ForSequenceClassification": "heads", "Starcoder2ForTokenClassification": "heads",
+    "last_non_pad_index": "heads", "model_class": "heads",
     "init_random": "checkpoint", "load_checkpoint": "checkpoint", "random_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
 }

@@ -22,7 +22,8 @@ from starlift.core.fsutil import atomic_output_dir
 
 from .config import PRESETS, Starcoder2Config
 from .folders import PICKLE_SUFFIXES, bundled_checkpoints, resolve_checkpoint, weight_files  # noqa: F401 (re-exported)
-from .modeling import RotaryEmbedding, Starcoder2
+from .heads import model_class
+from .modeling import RotaryEmbedding
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -110,14 +111,16 @@ def iter_checkpoint_tensors(folder: Path, allow_pickle: bool = False) -> Iterato
             yield from state.items()
 
 
-def _expected_shapes(model: Starcoder2) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
-                    allow_pickle: bool = False) -> Starcoder2:
+                    allow_pickle: bool = False) -> torch.nn.Module:
     """Load a Hugging Face StarCoder2 folder (or a bundled name) into the reference model.
 
+    The module follows config.json's ``architectures``: :class:`Starcoder2` for the causal LM,
+    ``Starcoder2ForSequenceClassification`` / ``Starcoder2ForTokenClassification`` for the heads.
     Weights are views into a memory map when the stored dtype is the one asked for, so the
     model costs no second copy of the weights. ``dtype`` None keeps the stored dtype.
     """
@@ -127,13 +130,13 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
         raise UsageError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     with torch.device("meta"):
-        model = Starcoder2(config)
+        model = model_class(config)(config)
     expected = _expected_shapes(model)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in iter_checkpoint_tensors(folder, allow_pickle):
         if name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from rope_theta; some old checkpoints store it
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if name == "lm_head.weight" and config.tie_word_embeddings and config.head is None:
             continue  # tied: the head is the embedding matrix, stored once in the model
         if name not in expected:
             raise CheckpointError(
@@ -156,7 +159,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
     return model.eval()
 
 
-def save_checkpoint(model: Starcoder2, path: str | Path, force: bool = False,
+def save_checkpoint(model: torch.nn.Module, path: str | Path, force: bool = False,
                     max_shard_bytes: int | None = None, extra_files: dict[str, Path] | None = None) -> Path:
     """Write ``model`` in the layout transformers writes (atomically)."""
     from safetensors.torch import save_file
@@ -196,11 +199,11 @@ def save_checkpoint(model: Starcoder2, path: str | Path, force: bool = False,
     return Path(path)
 
 
-def init_random(config: Starcoder2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Starcoder2:
-    """A random model whose every parameter (biases and norms too) is non-trivial."""
+def init_random(config: Starcoder2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A random model (LM or head, as ``config`` says) whose every parameter (biases and norms too) is non-trivial."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        model = Starcoder2(config)
+        model = model_class(config)(config)
     state = {}
     for name, p in model.state_dict().items():
         if "layernorm" in name or name.startswith("model.norm"):

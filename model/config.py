@@ -24,12 +24,62 @@ GELU_APPROXIMATION = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "
 # and generation defaults that belong to generation_config.json.
 _IGNORED_KEYS = frozenset(
     {
-        "architectures", "dtype", "torch_dtype", "transformers_version", "use_cache",
+        "dtype", "torch_dtype", "transformers_version", "use_cache",
         "initializer_range", "attention_dropout", "residual_dropout", "embedding_dropout",
         "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
         "_attn_implementation_autoset", "_from_model_config", "tokenizer_class",
+        "classifier_dropout", "hidden_dropout",  # the token-classification head's dropout
     }
 )
+
+# transformers' architecture name -> the pipeline task its head serves.
+CAUSAL_LM = "Starcoder2ForCausalLM"
+ARCHITECTURES = {
+    CAUSAL_LM: "text-generation",
+    "Starcoder2ForSequenceClassification": "text-classification",
+    "Starcoder2ForTokenClassification": "token-classification",
+}
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A classification head on the body (``score``: hidden -> num_labels), as transformers'
+    ``Starcoder2ForSequenceClassification`` / ``Starcoder2ForTokenClassification`` hold it.
+
+    ``labels`` is ``id2label`` in id order; ``bias`` is whether ``score`` has one (transformers:
+    never for sequence classification, ``token_classification_bias`` (default true) for tokens).
+    """
+
+    architecture: str
+    labels: tuple[str, ...] = ("LABEL_0", "LABEL_1")
+    problem_type: str | None = None
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES or self.architecture == CAUSAL_LM:
+            raise ConfigError(f"{self.architecture!r} is not a classification head; starlift implements "
+                              f"{sorted(a for a in ARCHITECTURES if a != CAUSAL_LM)}")
+        if not self.labels or not all(isinstance(x, str) for x in self.labels):
+            raise ConfigError(f"a classification head needs at least one label name, got {self.labels!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"problem_type={self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
+
+    @property
+    def task(self) -> str:
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
 
 
 @dataclass(frozen=True)
@@ -52,6 +102,7 @@ class Starcoder2Config:
     eos_token_id: int | None = 0
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    head: HeadConfig | None = None  # None: the causal LM (lm_head); else a classification head
 
     def __post_init__(self) -> None:
         if self.hidden_act not in GELU_APPROXIMATION:
@@ -93,6 +144,15 @@ class Starcoder2Config:
         return GELU_APPROXIMATION[self.hidden_act]
 
     @property
+    def architecture(self) -> str:
+        return self.head.architecture if self.head else CAUSAL_LM
+
+    @property
+    def task(self) -> str:
+        """The transformers pipeline task of this checkpoint's head (``text-generation`` for the LM)."""
+        return ARCHITECTURES[self.architecture]
+
+    @property
     def attention_window(self) -> int:
         """Keys a query may see, itself included (the whole context when there is no window)."""
         return self.sliding_window or self.max_position_embeddings
@@ -106,7 +166,10 @@ class Starcoder2Config:
         norms = 2 * 2 * h
         per_layer = attn + mlp + norms
         embed = v * h
-        head = 0 if self.tie_word_embeddings else v * h
+        if self.head is not None:  # score: hidden -> labels; a classifier has no LM head
+            head = self.head.num_labels * (h + (1 if self.head.bias else 0))
+        else:
+            head = 0 if self.tie_word_embeddings else v * h
         return embed + self.num_hidden_layers * per_layer + 2 * h + head
 
     def kv_cache_bytes(self, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
@@ -173,6 +236,7 @@ class Starcoder2Config:
         hidden_act = raw.pop("hidden_act", "gelu_pytorch_tanh")
         if hidden_act not in GELU_APPROXIMATION:
             refuse("hidden_act", hidden_act, f"one of {sorted(GELU_APPROXIMATION)}")
+        head = _head_from_dict(raw, where)
 
         def single_id(key: str) -> int | None:
             value = raw.pop(key, None)
@@ -189,6 +253,7 @@ class Starcoder2Config:
             "eos_token_id": single_id("eos_token_id"),
             "pad_token_id": single_id("pad_token_id"),
             "torch_dtype": str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            "head": head,
         }
         head_dim = raw.pop("head_dim", None)
         if head_dim is not None:
@@ -218,7 +283,7 @@ class Starcoder2Config:
     def to_hf(self) -> dict[str, Any]:
         """The config.json transformers writes for this model (loadable by Starcoder2Config)."""
         out: dict[str, Any] = {
-            "architectures": ["Starcoder2ForCausalLM"],
+            "architectures": [self.architecture],
             "model_type": "starcoder2",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -244,7 +309,71 @@ class Starcoder2Config:
         }
         if self.head_dim_override is not None:
             out["head_dim"] = self.head_dim_override
+        if self.head is not None:
+            out["id2label"] = {str(i): label for i, label in enumerate(self.head.labels)}
+            out["label2id"] = {label: i for i, label in enumerate(self.head.labels)}
+            if self.head.problem_type is not None:
+                out["problem_type"] = self.head.problem_type
+            if self.head.task == "token-classification" and not self.head.bias:
+                out["token_classification_bias"] = False
         return out
+
+
+def _head_from_dict(raw: dict[str, Any], where: str) -> HeadConfig | None:
+    """The head named by ``architectures`` with its labels; pops the keys it reads.
+
+    transformers writes ``id2label`` only when it differs from the default two labels
+    (LABEL_0, LABEL_1), and older versions write ``id2label``/``label2id`` even for causal LMs
+    (ignored there). ``label2id`` is not read at inference (transformers' pipelines use
+    ``id2label``), so it is not checked.
+    """
+    architectures = raw.pop("architectures", None)
+    id2label = raw.pop("id2label", None)
+    raw.pop("label2id", None)
+    num_labels = raw.pop("num_labels", None)
+    problem_type = raw.pop("problem_type", None)
+    token_bias = raw.pop("token_classification_bias", None)
+    if architectures is None:
+        architecture = CAUSAL_LM
+    elif (not isinstance(architectures, list) or len(architectures) != 1
+          or architectures[0] not in ARCHITECTURES):
+        raise ConfigError(
+            f"{where}: unsupported architectures={architectures!r}; starlift implements exactly one of "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    else:
+        architecture = architectures[0]
+    if architecture == CAUSAL_LM:
+        if problem_type is not None or token_bias is not None:
+            key = "problem_type" if problem_type is not None else "token_classification_bias"
+            raise ConfigError(f"{where}: {key} is set but architectures is {CAUSAL_LM}, which has no "
+                              "classification head; fix architectures or remove the setting")
+        return None
+    if id2label is not None:
+        if not isinstance(id2label, dict):
+            raise ConfigError(f"{where}: id2label must map label ids to names, got {id2label!r}")
+        try:
+            by_id = {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: id2label keys must be integer label ids, got {sorted(id2label)}") from None
+        if sorted(by_id) != list(range(len(by_id))) or not all(isinstance(v, str) for v in by_id.values()):
+            raise ConfigError(f"{where}: id2label must name every label id 0..n-1 once with a string, got {id2label!r}")
+        labels = tuple(by_id[i] for i in range(len(by_id)))
+        if num_labels is not None and num_labels != len(labels):
+            raise ConfigError(f"{where}: num_labels={num_labels} but id2label names {len(labels)} labels; "
+                              "make them agree")
+    else:  # transformers' default labels
+        count = 2 if num_labels is None else num_labels
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"{where}: num_labels must be a positive integer, got {num_labels!r}")
+        labels = tuple(f"LABEL_{i}" for i in range(count))
+    if token_bias is not None and architecture != "Starcoder2ForTokenClassification":
+        raise ConfigError(f"{where}: token_classification_bias applies to Starcoder2ForTokenClassification only; "
+                          f"this checkpoint is {architecture}")
+    if token_bias is not None and not isinstance(token_bias, bool):
+        raise ConfigError(f"{where}: token_classification_bias must be true or false, got {token_bias!r}")
+    bias = architecture == "Starcoder2ForTokenClassification" and token_bias is not False
+    return HeadConfig(architecture, labels, problem_type, bias)
 
 
 def _preset(**kw: Any) -> Starcoder2Config:
