@@ -23,7 +23,7 @@ from starlift.core.signing import check_signing_key, sign_artifact
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
 from starlift.model.checkpoint import weight_files
 
-from . import flavours, validate
+from . import flavours, heads, validate
 from .trace import trace
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
@@ -79,8 +79,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             model = load_checkpoint(folder, dtype=dtype, allow_pickle=allow_pickle)
             bar.update()
             stage("reference")
-            case = validate.make_case(config.vocab_size, steps=validate_steps)
-            reference = validate.reference_logits(model, case)
+            if config.head is None:
+                case = validate.make_case(config.vocab_size, steps=validate_steps)
+                reference = validate.reference_logits(model, case)
+            else:  # a classifier: one pass over a padded batch, no cache
+                case = heads.make_case(config.vocab_size, config.pad_token_id)
+                reference = heads.reference_outputs(model, case)
             bar.update()
             stage("trace")
             graph = trace(model, opset=opset)
@@ -91,6 +95,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             fusions: dict[str, int] = {}
             if flavour == "ort":
                 graph, fusions = flavours.to_ort(graph, config)
+            if config.head is not None:
+                heads.drop_cache(graph, config.num_hidden_layers)
             graph.producer_name, graph.producer_version = "starlift", _versions()["starlift"]
             bar.update()
             stage("save")
@@ -108,6 +114,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
                 # ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul & co: the artifact
                 # is checked by the ONNX checker here and for parity by runtimes that run bf16.
                 validation = {"skipped": "onnxruntime CPU has no bfloat16 kernels", "passed": None}
+            elif config.head is not None:
+                candidate = heads.onnx_outputs(str(tmp / MODEL_FILE), case)
+                validation = heads.compare(reference, candidate, case, validate.TOLERANCE[dtype])
+                validation.update({"backend": "onnxruntime", "reference": f"starlift torch model ({dtype})",
+                                   "batch": int(case.ids.shape[0]), "tokens": int(case.ids.shape[1]),
+                                   "padding": "full, left and right rows" if config.pad_token_id is not None
+                                   else "full rows (no pad_token_id)"})
             else:
                 candidate = validate.onnx_logits(str(tmp / MODEL_FILE), case, NUMPY_KV[dtype])
                 validation = validate.compare(reference, candidate, case.mask, case.prompt_len,
@@ -140,6 +153,10 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
     tokenizer = checkpoint / "tokenizer.json"
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    if config.head is not None:
+        _package_head(checkpoint, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
+                      validation=validation)
+        return
     gen_path = checkpoint / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     generation.setdefault("bos_token_id", config.bos_token_id)
@@ -156,6 +173,7 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
     onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
     bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     write_manifest(tmp, {
+        "task": "text-generation",
         "flavour": flavour,
         "dtype": dtype,
         "precision": dtype,
@@ -170,6 +188,42 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
         "optional_inputs": {LOGITS_TO_KEEP: {
             "dtype": "int64", "shape": [], "default": 0,
             "description": "logits for the last N positions only, [batch, min(N, seq), vocab]; 0 = every position"}},
+        "size": {"onnx_bytes": onnx_bytes, "weight_bytes": config.num_parameters() * bytes_per,
+                 "ratio": onnx_bytes / (config.num_parameters() * bytes_per)},
+        "source": {"checkpoint": checkpoint.name,
+                   "files": {p.name: sha256_file(p) for p in [checkpoint / "config.json",
+                                                               *weight_files(checkpoint, allow_pickle=True)]}},
+        "versions": _versions(),
+        "validation": validation,
+    })
+
+
+def _package_head(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: str, dtype: str, opset: int,
+                  fusions: dict[str, int], validation: dict[str, Any]) -> None:
+    """A classifier's manifest: its task, labels and how it pools; no cache, no generation configs."""
+    head = config.head
+    onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
+    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    sequence = head.task == "text-classification"
+    write_manifest(tmp, {
+        "task": head.task,
+        "flavour": flavour,
+        "dtype": dtype,
+        "precision": dtype,
+        "opset": opset,
+        "head": {
+            "architecture": head.architecture,
+            "labels": list(head.labels),
+            "problem_type": head.problem_type,
+            "pad_token_id": config.pad_token_id,
+            "inputs": list(heads.HEAD_INPUTS),
+            "logits": "[batch, labels]" if sequence else "[batch, seq, labels]",
+            "pooling": ("the last token that is not pad_token_id, as transformers pools" if config.pad_token_id
+                        is not None else "the last token; batch > 1 is refused (no pad_token_id)")
+            if sequence else None,
+        },
+        "kv_cache": None,
+        "fusions": fusions,
         "size": {"onnx_bytes": onnx_bytes, "weight_bytes": config.num_parameters() * bytes_per,
                  "ratio": onnx_bytes / (config.num_parameters() * bytes_per)},
         "source": {"checkpoint": checkpoint.name,
