@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from starlift.core.errors import CheckpointError, UsageError
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
 END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    special: list[int]  # 1 where the post-processor added a special token
 
 
 class Tokenizer:
@@ -40,6 +49,25 @@ class Tokenizer:
         if not isinstance(text, str):
             raise UsageError(f"encode() takes a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> Encoded:
+        """What transformers' tokenizer call gives a pipeline: ids with the post-processor's special
+        tokens (none for StarCoder2), each token's string, its (start, end) characters in ``text``,
+        and which tokens the post-processor added."""
+        if not isinstance(text, str):
+            raise UsageError(f"encode_with_offsets() takes a str, got {type(text).__name__}")
+        e = self._tok.encode(text, add_special_tokens=True)
+        return Encoded(list(e.ids), list(e.tokens), [tuple(o) for o in e.offsets], list(e.special_tokens_mask))
+
+    def tokens_to_string(self, tokens: list[str]) -> str:
+        """Token strings back to text through the tokenizer's decoder (transformers'
+        ``convert_tokens_to_string`` for fast tokenizers)."""
+        return self._tok.decoder.decode(tokens) if self._tok.decoder is not None else " ".join(tokens)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        unk = getattr(self._tok.model, "unk_token", None)
+        return self._tok.token_to_id(unk) if unk else None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -24,7 +24,8 @@ def load(path, backend="onnxruntime", **options):
 
 
 def pipeline(task, model, backend="onnxruntime", **options):
-    """transformers-style ``pipeline("text-generation", model=PATH, backend=...)``."""
+    """transformers-style ``pipeline("text-generation" | "text-classification" | "token-classification",
+    model=PATH, backend=...)`` (see ``starlift.api.pipeline``)."""
     from .api import pipeline as _pipeline
 
     return _pipeline(task, model=model, backend=backend, **options)

@@ -1,4 +1,5 @@
-"""The public entry points: ``load`` (any artifact or checkpoint, any backend) and ``pipeline``."""
+"""The public entry points: ``load`` (any artifact or checkpoint, any backend), ``load_classifier`` and
+``pipeline`` (text generation, text and token classification)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ def _eos(folder: Path) -> int | None:
             if eos is not None:
                 return int(eos)
     return None
+
+
+def artifact_task(folder: Path) -> str:
+    """The task an artifact or checkpoint folder serves (its manifest, else its config.json)."""
+    from starlift.core.artifact import read_manifest
+
+    if is_artifact(folder):
+        return read_manifest(folder).get("task", "text-generation")
+    from starlift.model.config import Starcoder2Config
+
+    return Starcoder2Config.from_hf(folder).task
 
 
 def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool | str = True,
@@ -62,6 +74,10 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
         if BACKENDS[backend][2]:
             raise UsageError(f"{path} is a checkpoint, not an exported artifact; the {backend} backend needs one: "
                              f"run `starlift export {path} OUT` and load OUT, or use backend='torch'")
+    task = artifact_task(folder)
+    if task != "text-generation":
+        raise UsageError(f"{path} is a {task} model, not a text generator: use starlift.pipeline({task!r}, "
+                         f"model={str(path)!r}) or `starlift classify`")
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     runner = create_runner(backend, folder, **options)
     return Generator(runner, tokenizer, _eos(folder), source=folder)
@@ -84,7 +100,62 @@ class TextGenerationPipeline:
         raise UsageError("the pipeline takes a str or a list of str")
 
 
-def pipeline(task: str, model: str | Path, backend: str = "onnxruntime", **options) -> TextGenerationPipeline:
-    if task != "text-generation":
-        raise UsageError(f"unsupported task {task!r}; starlift pipelines do 'text-generation'")
-    return TextGenerationPipeline(load(model, backend=backend, **options))
+# transformers' task names and aliases -> the task starlift runs
+TASKS = {"text-generation": "text-generation", "text-classification": "text-classification",
+         "sentiment-analysis": "text-classification", "token-classification": "token-classification",
+         "ner": "token-classification"}
+# keyword arguments a classification pipeline takes at creation (the rest go to the runner)
+_PIPELINE_KWARGS = {"text-classification": ("top_k", "function_to_apply", "truncation"),
+                    "token-classification": ("aggregation_strategy", "ignore_labels", "truncation")}
+
+
+def load_classifier(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool = True,
+                    public_key: str | Path | None = None, batch_size: int = 8, **options):
+    """A :class:`starlift.engine.classification.Classifier` for a classification artifact (ONNX
+    backends) or checkpoint (``backend="torch"``), verified and signature-checked as ``load`` does;
+    ``options`` go to the runner."""
+    from starlift.engine.classification import Classifier
+    from starlift.runtimes.classifiers import CLASSIFIER_BACKENDS, create_classifier
+
+    if backend not in CLASSIFIER_BACKENDS:
+        raise UsageError(f"backend {backend!r} has no classifier runner; classifier backends: "
+                         f"{', '.join(CLASSIFIER_BACKENDS)}")
+    if is_artifact(path):
+        folder = Path(path)
+        if backend == "torch":
+            raise UsageError(f"{folder} is an ONNX artifact; the torch backend runs a checkpoint folder "
+                             "(the one the artifact was exported from)")
+        if public_key is not None:
+            verify(folder, check_onnx=False, public_key=public_key)
+        elif verify_artifact:
+            verify(folder, check_onnx=False)
+    else:
+        if public_key is not None:
+            raise UsageError(f"{path} is not a starlift artifact (no manifest.json), so it carries no signature to "
+                             "check against the public key; export it and sign the artifact")
+        folder = resolve_checkpoint(path)
+        if CLASSIFIER_BACKENDS[backend][1]:
+            raise UsageError(f"{path} is a checkpoint, not an exported artifact; the {backend} backend needs one: "
+                             f"run `starlift export {path} OUT` and load OUT, or use backend='torch'")
+    tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    return Classifier(create_classifier(backend, folder, **options), tokenizer, batch_size=batch_size)
+
+
+def pipeline(task: str, model: str | Path, backend: str = "onnxruntime", **options):
+    """transformers-style pipelines: ``text-generation``, ``text-classification`` (alias
+    ``sentiment-analysis``) and ``token-classification`` (alias ``ner``)."""
+    if task not in TASKS:
+        raise UsageError(f"unsupported task {task!r}; starlift pipelines do {', '.join(TASKS)}")
+    task = TASKS[task]
+    if task == "text-generation":
+        return TextGenerationPipeline(load(model, backend=backend, **options))
+    from starlift.engine.classification import TextClassificationPipeline, TokenClassificationPipeline
+
+    found = artifact_task(Path(model) if is_artifact(model) else resolve_checkpoint(model))
+    if found != task:
+        raise UsageError(f"{model} is a {found} model, but the {task!r} pipeline was asked for; use "
+                         f"starlift.pipeline({found!r}, model=...)")
+    kwargs = {k: options.pop(k) for k in _PIPELINE_KWARGS[task] if k in options}
+    classifier = load_classifier(model, backend=backend, **options)
+    cls = TextClassificationPipeline if task == "text-classification" else TokenClassificationPipeline
+    return cls(classifier, **kwargs)
