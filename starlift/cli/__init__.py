@@ -26,6 +26,7 @@ COMMANDS = {
     "keygen": ("starlift.cli.keygen", "create an Ed25519 key pair for signing artifacts"),
     "sign": ("starlift.cli.sign", "sign an artifact's manifest with a private key"),
     "generate": ("starlift.cli.generate", "generate text or fill in the middle on any backend"),
+    "classify": ("starlift.cli.classify", "label texts or their tokens with a classification artifact"),
     "parity": ("starlift.cli.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
     "bench": ("starlift.cli.bench", "decode speed, TTFT, batch throughput, RSS and roofline vs peers"),
     "profile": ("starlift.cli.profile", "where a decode step's time goes: ORT kernels by op, framework, Python"),
