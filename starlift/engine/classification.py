@@ -31,6 +31,28 @@ class Item:
     logits: np.ndarray | None = None  # (labels,) or (tokens, labels)
 
 
+def batched_logits(runner, sequences: list[list[int]], batch_size: int = 8) -> list[np.ndarray]:
+    """Each token sequence's logits ((labels,) or (tokens, labels)), ``batch_size`` sequences per
+    call, right-padded with the pad token: a sequence classifier pools the rightmost token that is
+    not the pad token, which is then the token it pools for the sequence alone. One at a time when
+    a sequence classifier has no pad token (it could not tell padding from text)."""
+    info = runner.info
+    pad = info.pad_token_id
+    size = 1 if info.task == "text-classification" and pad is None else batch_size
+    out: list[np.ndarray] = []
+    for start in range(0, len(sequences), size):
+        batch = sequences[start:start + size]
+        width = max(len(s) for s in batch)
+        ids = np.full((len(batch), width), pad if pad is not None else 0, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        logits = runner.infer(ids, mask)
+        out.extend(logits[row] if logits.ndim == 2 else logits[row, :len(seq)] for row, seq in enumerate(batch))
+    return out
+
+
 class Classifier:
     """Texts -> per-text logits on any classifier runner (see ``starlift.runtimes.classifiers``)."""
 
@@ -66,21 +88,10 @@ class Classifier:
         return Item(text, ids, tokens, offsets, special)
 
     def run(self, items: list[Item]) -> list[Item]:
-        """Fill each item's logits, ``batch_size`` texts per call (one at a time when a sequence
-        classifier has no pad token: it could not tell padding from text)."""
-        pad = self.info.pad_token_id
-        size = 1 if self.task == "text-classification" and pad is None else self.batch_size
-        for start in range(0, len(items), size):
-            batch = items[start:start + size]
-            width = max(len(it.ids) for it in batch)
-            ids = np.full((len(batch), width), pad if pad is not None else 0, np.int64)
-            mask = np.zeros((len(batch), width), np.int64)
-            for row, it in enumerate(batch):
-                ids[row, :len(it.ids)] = it.ids
-                mask[row, :len(it.ids)] = 1
-            logits = self.runner.infer(ids, mask)
-            for row, it in enumerate(batch):
-                it.logits = logits[row] if logits.ndim == 2 else logits[row, :len(it.ids)]
+        """Fill each item's logits (see :func:`batched_logits`)."""
+        for it, logits in zip(items, batched_logits(self.runner, [it.ids for it in items], self.batch_size),
+                              strict=True):
+            it.logits = logits
         return items
 
     def close(self) -> None:

@@ -66,6 +66,10 @@ def judge(values: dict[str, Any], precision: str) -> dict[str, Any]:
 def run(path: str | Path, reference: str | Path, backends: list[str], text: str | None = None, steps: int = 32,
         greedy_steps: int = 16, precision: str | None = None, runner_options: dict | None = None) -> dict[str, Any]:
     """Compare each backend's runner on ``path`` with the reference checkpoint; returns the report."""
+    from starlift.evaluation import heads
+
+    if heads.is_head(path):  # a classifier: its labels and probabilities instead of next-token logits
+        return heads.run(path, reference, backends, text=text, precision=precision, runner_options=runner_options)
     import torch
 
     from starlift.api import is_artifact
@@ -126,6 +130,10 @@ def ref_model_folder(reference) -> Path:
 
 
 def format_table(report: dict[str, Any]) -> str:
+    if report.get("task") in ("text-classification", "token-classification"):
+        from starlift.evaluation.heads import format_table as head_table
+
+        return head_table(report)
     lines = [f"parity of {report['path']} vs {report['reference']} ({report['precision']}, "
              f"{report['prompt_tokens']} prompt tokens + {report['decode_steps']} teacher-forced steps)",
              f"{'backend':<12} {'max|err|':>10} {'mean KL':>10} {'top1':>7} {'top5':>7} {'greedy':>8}  verdict"]
