@@ -179,6 +179,17 @@ def _merge_repeated_casts(model) -> int:
     return dropped
 
 
+def _score_nodes(model) -> list[str]:
+    """A classifier's head: the MatMul by its ``score`` weight (``score.weight.T`` after export)."""
+    inits = {i.name for i in model.graph.initializer}
+    nodes = [n.name for n in model.graph.node
+             if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and n.input[1].startswith("score.")]
+    if len(nodes) != 1:
+        raise UsageError(f"expected one MatMul by the classifier's score weight, found {len(nodes)}; re-export the "
+                         "artifact with this version of starlift")
+    return nodes
+
+
 def _topologically_sorted(model):
     import onnx_ir as ir
 
@@ -248,15 +259,18 @@ def _nbits(model, bits: int, *, block_size: int, symmetric: bool, accuracy_level
 
 
 class _TextCalibration:
-    """GPTQ calibration batches: windows of code text with an empty KV cache."""
+    """GPTQ calibration batches: windows of code text with an empty KV cache (a classifier's graph
+    has neither cache nor positions: input_ids and attention_mask only)."""
 
-    def __init__(self, ids: list[int], layers: int, kv_heads: int, head_dim: int, window: int = 128, count: int = 8):
+    def __init__(self, ids: list[int], layers: int, kv_heads: int, head_dim: int, window: int = 128, count: int = 8,
+                 with_cache: bool = True):
         self.items = []
         for start in range(0, max(len(ids) - window, 1), window)[:count]:
             chunk = np.asarray([ids[start:start + window]], np.int64)
-            feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk),
-                    "position_ids": np.arange(chunk.shape[1])[None]}
-            feed.update({name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in past_names(layers)})
+            feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
+            if with_cache:
+                feed["position_ids"] = np.arange(chunk.shape[1])[None]
+                feed.update({name: np.zeros((1, kv_heads, 0, head_dim), np.float32) for name in past_names(layers)})
             self.items.append(feed)
         self._iter = iter(self.items)
 
@@ -275,11 +289,14 @@ class _TextCalibration:
 
 def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size: int = 32, algo: str = "rtn",
                       accuracy_level: int | None = 4, symmetric: bool = False, int8_method: str = "nbits",
-                      head_bits: int = 8, head_block_size: int | None = None, calibration: str | Path | None = None, exclude: list[str] | None = None,
+                      head_bits: int | None = None, head_block_size: int | None = None, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True, sign_key: str | Path | None = None) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest.
 
+    ``head_bits``: 8 or 4 quantize the head (the LM head, or a classifier's ``score``) with
+    MatMulNBits apart from the body; 32 keeps it in float. Default: 8 for the LM head, 32 for a
+    classification head (a few kilobytes: nothing to save, only error to add).
     ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
     import onnx
 
@@ -296,8 +313,6 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
         raise UsageError(f"--block-size must be a power of two in 16..256, got {block_size}")
     if int8_method not in INT8_METHODS:
         raise UsageError(f"unknown int8 method {int8_method!r}; choose one of {', '.join(INT8_METHODS)}")
-    if head_bits not in (4, 8):
-        raise UsageError(f"--head-bits must be 4 or 8, got {head_bits}")
     # int4's 8-bit head: scales per 128 weights instead of 32 cost nothing measurable (nano held-out
     # top-1 0.940 vs 0.941, perplexity 35.79 vs 35.80) and read 5% fewer bytes per step (113M int4:
     # 88.0 vs 92.4 MB, decode +3-6%); int8's head keeps --block-size (0.989 vs 0.992 top-1 there)
@@ -309,6 +324,13 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
         raise UsageError(f"{src} is an artifact of precision {manifest.get('precision')}; quantize from an fp32 "
                          "export")
+    classifier = manifest.get("task", "text-generation") != "text-generation"
+    if head_bits is None:
+        head_bits = 32 if classifier else 8
+    if head_bits not in (4, 8, 32):
+        raise UsageError(f"--head-bits must be 4, 8 or 32 (kept in float), got {head_bits}")
+    if classifier and head_bits == 4:
+        raise UsageError("a classification head is kept at 8 bits or in float: pass --head-bits 8 or 32")
     check_output_dir(out, force)
     if sign_key is not None:
         check_signing_key(sign_key)  # a wrong key fails now, not after the quantization
@@ -337,9 +359,12 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 details["kept_fp32_ops"] = FP16_KEEP
                 details["kept_fp32_nodes"] = len(rope)
             else:
-                tied = _untie_lm_head(model)
-                head = [HEAD_NODE] if tied else [n.name for n in model.graph.node
-                                                   if n.op_type == "MatMul" and "lm_head" in n.name]
+                if classifier:
+                    head, tied = _score_nodes(model), None
+                else:
+                    tied = _untie_lm_head(model) if head_bits != 32 else None
+                    head = [HEAD_NODE] if tied else [n.name for n in model.graph.node
+                                                     if n.op_type == "MatMul" and "lm_head" in n.name]
                 bits = 4 if mode == "int4" else 8
                 calib = None
                 if calibration is not None:
@@ -349,7 +374,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
                     calib = _TextCalibration(tokenizer.encode(text), config["num_hidden_layers"],
                                              config.get("num_key_value_heads", config["num_attention_heads"]),
-                                             head_dim)
+                                             head_dim, with_cache=not classifier)
                 bar.set_description(f"quantize {mode}: matmuls")
                 if mode == "int8" and int8_method == "dynamic":
                     model = _dynamic_int8(model, exclude=list(exclude or []))
@@ -358,7 +383,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                    accuracy_level=accuracy_level, algo=algo, exclude=head + list(exclude or []),
                                    calibration=calib)
                 bar.set_description(f"quantize {mode}: head and embedding")
-                if head and head[0] not in (exclude or []):
+                if head and head[0] not in (exclude or []) and head_bits != 32:
                     model = _nbits(model, head_bits, block_size=head_block_size, symmetric=symmetric,
                                    accuracy_level=accuracy_level, algo="rtn", include=head)
                 # The embedding: a tied table reads the 8-bit head's weights (stored once); otherwise
@@ -391,12 +416,15 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                     shutil.copyfile(src / name, tmp / name)
             bar.update()
             bar.set_description(f"quantize {mode}: quality")
-            quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text,
-                                      windows=eval_windows)
-            kl_max, top1_min = GATES[mode]
-            quality["gate"] = {"mean_kl_max": kl_max, "top1_min": top1_min}
-            quality["passed"] = bool(quality["mean_kl"] <= kl_max and quality["top1_agreement"] >= top1_min
-                                     and quality["finite"])
+            if classifier:
+                quality = measure_head_quality(src, tmp, tokenizer, config, eval_text, mode)
+            else:
+                quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text,
+                                          windows=eval_windows)
+                kl_max, top1_min = GATES[mode]
+                quality["gate"] = {"mean_kl_max": kl_max, "top1_min": top1_min}
+                quality["passed"] = bool(quality["mean_kl"] <= kl_max and quality["top1_agreement"] >= top1_min
+                                         and quality["finite"])
             bar.update()
             onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
             src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
@@ -407,9 +435,15 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                   "ratio_to_fp32": onnx_bytes / src_bytes},
                          "source_artifact": {"path": src.name, "manifest_sha256": _sha(src / "manifest.json")},
                          "quality": quality, "validation": manifest.get("validation")})
-            if mode == "fp16":
-                info["kv_cache"] = {**manifest.get("kv_cache", {}), "dtype": "fp16"}
+            if mode == "fp16" and manifest.get("kv_cache") is not None:  # a classifier has no cache
+                info["kv_cache"] = {**manifest["kv_cache"], "dtype": "fp16"}
             new_manifest = write_manifest(tmp, info)
+            if not quality["passed"] and not allow_quality_loss and classifier:
+                failed = "; ".join(f"{k} {c['value']:.3g} (gate {c['tolerance']:g})"
+                                   for k, c in quality["checks"].items() if not c["passed"])
+                raise ParityError(
+                    f"{mode} quality is below the gate against the fp32 artifact: {failed}; {out} was not written. "
+                    "Try --block-size 16, --head-bits 32, or pass --allow-quality-loss to keep it anyway")
             if not quality["passed"] and not allow_quality_loss:
                 raise ParityError(
                     f"{mode} quality is below the gate against the fp32 artifact: top-1 agreement "
@@ -506,4 +540,31 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
                    "perplexity_fp32": perplexity(logits["reference"], tokens),
                    "perplexity": perplexity(logits["candidate"], tokens)})
     values["perplexity_change"] = values["perplexity"] / values["perplexity_fp32"] - 1
+    return values
+
+
+def measure_head_quality(reference: Path, candidate: Path, tokenizer, config: dict, eval_text: str | None,
+                         mode: str) -> dict[str, Any]:
+    """A classifier's quality against its fp32 artifact, on its own outputs: label agreement and the
+    largest probability change over windows of code text (every token for a token head), in
+    right-padded batches; gated per mode by ``starlift.evaluation.heads.TOLERANCES``."""
+    from starlift.engine.classification import batched_logits
+    from starlift.evaluation import heads
+    from starlift.runtimes.classifiers import OnnxRuntimeClassifier
+
+    described = "given"
+    if tokenizer is None:
+        described = "random token ids (the artifact has no tokenizer.json)"
+    elif eval_text is None:
+        eval_text, described = default_eval_text()
+    logits = {}
+    for name, folder in (("reference", reference), ("candidate", candidate)):
+        with OnnxRuntimeClassifier(folder) as runner:
+            info = runner.info
+            cases = heads.samples(tokenizer, info.vocab_size, eval_text, info.task, count=256)
+            logits[name] = batched_logits(runner, cases)
+    values = heads.metrics(logits["reference"], logits["candidate"], info.problem_type)
+    values.update(heads.judge(values, mode))
+    values.update({"task": info.task, "samples": len(cases), "tokens": int(sum(map(len, cases))), "text": described,
+                   "gate": {k: {"direction": d, "bound": b} for k, (d, b) in heads.TOLERANCES[mode].items()}})
     return values

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0.942 asymmetric vs 0.931 symmetric)")
     p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic"],
                    help="int8: weight-only MatMulNBits (default) or dynamic int8 activations")
-    p.add_argument("--head-bits", type=int, default=8, choices=[4, 8], help="bits of the LM head (default 8)")
+    p.add_argument("--head-bits", type=int, default=None, choices=[4, 8, 32],
+                   help="bits of the head, 32 = kept in float (default: 8 for the LM head, 32 for a classifier's)")
     p.add_argument("--head-block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
                    help="block size of the LM head's scales (default: 128 for int4's 8-bit head, else --block-size)")
     p.add_argument("--calibration", default=None, help="code text for GPTQ calibration (required by --algo gptq)")
@@ -47,6 +48,12 @@ def main(args: argparse.Namespace) -> int:
                           exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force, sign_key=args.sign_key,
                           allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
     q = m["quality"]
+    if "label_agreement" in q:  # a classifier: judged on its labels and probabilities
+        print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
+              f"(x{m['size']['ratio_to_fp32']:.3f} of fp32); label agreement {q['label_agreement']:.3f}, "
+              f"max |prob change| {q['max_prob_error']:.3g} over {q['rows']} outputs"
+              + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
+        return 0
     print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
           f"(x{m['size']['ratio_to_fp32']:.3f} of fp32); top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}, "
           f"perplexity {q['perplexity_fp32']:.3f} -> {q['perplexity']:.3f}"
