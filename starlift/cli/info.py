@@ -25,6 +25,8 @@ def describe(config: Starcoder2Config, context: int | None = None, batch: int = 
     # keeps them all; report both.
     kept = min(context, config.attention_window)
     return {
+        "task": config.task,
+        "labels": list(config.head.labels) if config.head else None,
         "parameters": n,
         "weight_bytes": {"fp32": 4 * n, "fp16": 2 * n, "bf16": 2 * n, "int8": n, "int4": n // 2},
         "config": {
@@ -62,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     c = info["config"]
     print(f"StarCoder2: {info['parameters'] / 1e6:.2f}M parameters")
+    if config.head is not None:
+        print(f"  {config.architecture}: {config.head.num_labels} labels ({', '.join(config.head.labels)}), "
+              f"pad_token_id {config.pad_token_id}")
     print(f"  hidden {c['hidden_size']}, {c['layers']} layers, {c['heads']} heads ({c['kv_heads']} KV heads, "
           f"head_dim {c['head_dim']}), MLP {c['intermediate_size']}, vocab {c['vocab_size']}")
     print(f"  context {c['context']}, sliding window {c['sliding_window']}, rope_theta {c['rope_theta']}, "
