@@ -69,7 +69,8 @@ def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
     _strip_wrapper_prefix(graph_model)
     _fold_weight_transposes(graph_model)
     _name_dims(graph_model)
-    add_logits_to_keep(graph_model)
+    if c.task == "text-generation":  # a classifier's head reads every position (or picks its own)
+        add_logits_to_keep(graph_model)
     return graph_model
 
 
