@@ -21,7 +21,7 @@ demo: $(VENV)/bin/python
 test: $(VENV)/bin/python optimum-venv
 	$(PIP) install -q $(TORCH) -e ".[test]"
 	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python STARLIFT_LLAMA_CPP=$(LLAMA_DIR) \
-		$(VENV)/bin/python -m pytest -q
+		$(VENV)/bin/python -m pytest -q --durations=15
 
 # The documentation site (MkDocs + mkdocstrings), warnings as errors: into site/.
 docs: $(VENV)/bin/python
