@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-label", action="append", default=None,
                    help="token-classification: a label not to print (repeatable; default O)")
     p.add_argument("--truncate", action="store_true", help="keep the start of a text longer than the context")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="texts run together in one padded batch (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's own choice)")
     p.add_argument("--json", action="store_true", help="print the pipeline's output as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip the artifact's hash check")
 
