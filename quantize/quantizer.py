@@ -548,9 +548,8 @@ def measure_head_quality(reference: Path, candidate: Path, tokenizer, config: di
     """A classifier's quality against its fp32 artifact, on its own outputs: label agreement and the
     largest probability change over windows of code text (every token for a token head), in
     right-padded batches; gated per mode by ``starlift.evaluation.heads.TOLERANCES``."""
-    from starlift.engine.classification import batched_logits
     from starlift.evaluation import heads
-    from starlift.runtimes.classifiers import OnnxRuntimeClassifier
+    from starlift.runtimes.classifiers import OnnxRuntimeClassifier, batched_logits
 
     described = "given"
     if tokenizer is None:

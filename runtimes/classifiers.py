@@ -256,3 +256,25 @@ def create_classifier(backend: str, path: str | Path, **options) -> ClassifierRu
         raise UsageError(f"backend {backend!r} has no classifier runner; classifier backends: "
                          f"{', '.join(CLASSIFIER_BACKENDS)}")
     return CLASSIFIER_BACKENDS[backend][0](path, **options)
+
+
+def batched_logits(runner, sequences: list[list[int]], batch_size: int = 8) -> list[np.ndarray]:
+    """Each token sequence's logits ((labels,) or (tokens, labels)), ``batch_size`` sequences per
+    call, right-padded with the pad token: a sequence classifier pools the rightmost token that is
+    not the pad token, which is then the token it pools for the sequence alone. One at a time when
+    a sequence classifier has no pad token (it could not tell padding from text)."""
+    info = runner.info
+    pad = info.pad_token_id
+    size = 1 if info.task == "text-classification" and pad is None else batch_size
+    out: list[np.ndarray] = []
+    for start in range(0, len(sequences), size):
+        batch = sequences[start:start + size]
+        width = max(len(s) for s in batch)
+        ids = np.full((len(batch), width), pad if pad is not None else 0, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        logits = runner.infer(ids, mask)
+        out.extend(logits[row] if logits.ndim == 2 else logits[row, :len(seq)] for row, seq in enumerate(batch))
+    return out

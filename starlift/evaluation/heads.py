@@ -113,10 +113,9 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
     """Each backend's classifier on ``path`` against the reference checkpoint's torch head (fp32)."""
     from starlift.api import artifact_task, is_artifact
     from starlift.core.artifact import read_manifest
-    from starlift.engine.classification import batched_logits
     from starlift.model.checkpoint import resolve_checkpoint
     from starlift.model.tokenizer import Tokenizer
-    from starlift.runtimes.classifiers import CLASSIFIER_BACKENDS, TorchClassifier, create_classifier
+    from starlift.runtimes.classifiers import CLASSIFIER_BACKENDS, TorchClassifier, batched_logits, create_classifier
 
     for b in backends:
         if b not in CLASSIFIER_BACKENDS:
