@@ -181,8 +181,10 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
         "kv_cache": {"layout": "concat", "shape": "[batch, kv_heads, past, head_dim]",
                      "description": "present = concat(past, new); feed present back as past",
                      # GroupQueryAttention also runs on a preallocated [batch, kv_heads, capacity,
-                     # head_dim] buffer bound as both past and present: it writes new keys in place.
-                     "shared_buffer": bool(fusions.get("group_query_attention"))},
+                     # head_dim] buffer bound as both past and present: it writes new keys in place,
+                     # and reads each row's length from the mask (rows of different lengths share it)
+                     "shared_buffer": bool(fusions.get("group_query_attention")),
+                     "per_row_lengths": bool(fusions.get("group_query_attention"))},
         "fusions": fusions,
         # optional inputs: a caller that does not feed them gets their default
         "optional_inputs": {LOGITS_TO_KEEP: {

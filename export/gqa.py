@@ -15,9 +15,13 @@ window including itself, as ORT's kernel counts it), left padding goes to ``atte
                                                       ─► out, present.k, present.v
 
 The KV cache keeps the concat contract ([batch, kv_heads, past, head_dim] in, past + seq out),
-so every runner and onnxruntime-genai drive it unchanged. ORT's kernel does not take a chunked
-prefill (more than one new token on a non-empty cache) for batch > 1; the runner refuses that
-case with a clear error.
+so every runner and onnxruntime-genai drive it unchanged. ``seqlens_k[b]`` is the index of the
+last 1 in ``attention_mask[b]``: ``total - 1`` for full and left-padded masks (every concat
+caller), and each row's own length for a right-padded mask over a preallocated buffer bound as
+both past and present, which lets ONNX Runtime's slot pool decode rows of different lengths in
+one step (the graph says so in its metadata, ``PER_ROW_LENGTHS_KEY``). ORT's kernel does not
+take a chunked prefill (more than one new token on a non-empty cache) for batch > 1; the
+runner refuses that case with a clear error.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from starlift.core.artifact import PER_ROW_LENGTHS_KEY
 from starlift.model import Starcoder2Config
 
 
@@ -69,8 +74,15 @@ class _AttentionToGQA(pattern.RewriteRuleClassBase):
         total64 = op.Shape(mask, start=1, end=2)
         total = op.Cast(op.Squeeze(total64), to=ir.DataType.INT32)
         batch = op.Shape(mask, start=0, end=1)
-        one = op.Constant(value=ir.tensor(np.array(1, np.int32)))
-        seqlens = op.Expand(op.Sub(total, one), batch)
+        # seqlens_k[b] = index of the last 1 in attention_mask[b]: total - 1 for full and
+        # left-padded masks (what onnxruntime-genai and every concat caller feed), and each row's
+        # own length for a right-padded batch over a shared buffer (the engine's slot pool)
+        zero64 = op.Constant(value=ir.tensor(np.array(0, np.int64)))
+        one64 = op.Constant(value=ir.tensor(np.array(1, np.int64)))
+        slots = op.Range(zero64, op.Squeeze(total64), one64)
+        last = op.ReduceMax(op.Mul(mask, slots), op.Constant(value=ir.tensor(np.array([1], np.int64))),
+                            keepdims=0)
+        seqlens = op.Cast(last, to=ir.DataType.INT32)
         # new tokens, read off position_ids (B, T) so q_rot keeps a single consumer and the RoPE
         # rule (rotary.py) can replace it
         seq = op.Shape(self.position_ids, start=1, end=2)
@@ -117,4 +129,5 @@ def fuse_group_query_attention(model: ir.Model, config: Starcoder2Config) -> int
     count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
     if count:
         model.opset_imports.setdefault("com.microsoft", 1)
+        model.metadata_props[PER_ROW_LENGTHS_KEY] = "true"  # read by runners from the model itself
     return count

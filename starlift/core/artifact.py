@@ -20,6 +20,10 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 # The decoder's optional input: logits for the last N positions only (int64 scalar, default 0 = all).
 LOGITS_TO_KEEP = "logits_to_keep"
+# ONNX metadata (metadata_props) of a graph whose GroupQueryAttention reads each row's length from
+# the attention mask (seqlens_k = index of the last 1 per row): "true" lets a runner keep many
+# sequences of different lengths in one shared, right-padded buffer (ONNX Runtime's slot pool)
+PER_ROW_LENGTHS_KEY = "starlift.kv_cache.per_row_lengths"
 
 
 def past_names(layers: int) -> list[str]:
