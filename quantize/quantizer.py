@@ -530,8 +530,8 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
         with OnnxRuntimeRunner(path) as runner:
             logits[name] = []
             for ids in chunks:
-                runner.reset(1)
-                logits[name].append(runner.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0])
+                single = runner.single_batch(1)
+                logits[name].append(single.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0])
     values = metrics(np.concatenate(logits["reference"]), np.concatenate(logits["candidate"]))
     tokens = [c[0] for c in chunks]
 

@@ -1,10 +1,12 @@
 """ONNX Runtime runner: both flavours, CPU by default, CUDA / TensorRT EPs when present.
 
-Graphs with GroupQueryAttention (the ort flavour) get a preallocated KV buffer shared between
-past and present: both are bound through IO binding to the same memory, the kernel writes each
-new key and value in place, and no step copies the cache (capacity doubles when it runs out,
-so growth costs O(n) in total). Concat graphs (portable) keep the cache in ORT-owned OrtValues,
-each step's ``present`` bound as the next ``past``; the graph writes past + new once per step.
+Graphs whose GroupQueryAttention reads each row's own length from the attention mask (the ort
+flavour, ``starlift.kv_cache.per_row_lengths`` in the model's metadata) get a ``SlotPool``: one
+preallocated buffer per layer key/value, ``[slots, kv_heads, capacity, head_dim]``, bound through
+IO binding as both past and present, so the kernel writes each new key and value in place and
+no step copies the cache (capacity doubles when it runs out: O(n) copying in total). Concat
+graphs (portable, and ort artifacts exported before per-row lengths) get the generic
+``ConcatBatch``: ORT-owned OrtValues, each step's ``present`` bound as the next ``past``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.core.artifact import LOGITS_TO_KEEP, past_names, present_names
-from starlift.core.errors import UsageError
+from starlift.core.artifact import LOGITS_TO_KEEP, PER_ROW_LENGTHS_KEY, past_names, present_names
+from starlift.core.errors import StarliftError, UsageError
 
-from .base import ModelMeta, Runner
+from .base import ModelMeta, Past, Runner
+from .kv import KVCache
 from .onnx_metadata import has_group_query_attention, meta_from_io
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -44,6 +47,8 @@ class OnnxRuntimeRunner(Runner):
         self.session_config = session_config or {}
         if kv_buffer not in ("auto", "shared", "concat"):
             raise UsageError(f"kv_buffer must be auto, shared or concat, got {kv_buffer!r}")
+        # kv_buffer: "shared" = the slot pool (in-place buffers, rows with their own lengths),
+        # "concat" = the left-padded concat batch, "auto" = the slot pool where the graph allows it
         self.kv_buffer, self.initial_capacity = kv_buffer, max(1, initial_capacity)
         self.shared_kv = False
         self.session = None
@@ -89,11 +94,18 @@ class OnnxRuntimeRunner(Runner):
         # artifacts exported before it have no such input
         self._has_keep = LOGITS_TO_KEEP in inputs or any(
             i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers())
+        self._keep_values: dict[int, object] = {}
         self._float_logits = next(o.type for o in self.session.get_outputs() if o.name == "logits") == "tensor(float)"
+        custom = self.session.get_modelmeta().custom_metadata_map or {}
+        self.per_row_lengths = self._gqa and custom.get(PER_ROW_LENGTHS_KEY) == "true"
         if self.kv_buffer == "shared" and not self._gqa:
             raise UsageError(f"{self.model_path} concatenates its KV cache in the graph (portable flavour); an in-place "
                              "shared buffer needs the ort flavour's GroupQueryAttention: export with --flavour ort")
-        self.shared_kv = self._gqa and self.kv_buffer != "concat"
+        if self.kv_buffer == "shared" and not self.per_row_lengths:
+            raise UsageError(f"{self.model_path} was exported before GroupQueryAttention read each row's length from "
+                             "the attention mask, so its rows cannot share one buffer: re-export it with this starlift "
+                             "(or use kv_buffer='concat')")
+        self.shared_kv = self.per_row_lengths and self.kv_buffer != "concat"
         self._past_names, self._present_names = past_names(meta.num_layers), present_names(meta.num_layers)
         return meta
 
@@ -101,92 +113,63 @@ class OnnxRuntimeRunner(Runner):
     def providers(self) -> list[str]:
         return self.session.get_providers() if self.session else []
 
-    def _reset_impl(self, batch: int) -> None:
+    # ---- caches ----------------------------------------------------------------------------
+    def create_cache(self, max_batch: int) -> KVCache:
+        self._require_active()
+        if self.shared_kv:
+            return SlotPool(self, max_batch, self.initial_capacity)
+        return super().create_cache(max_batch)
+
+    def empty_past(self, batch: int) -> Past:
         m = self.meta
-        if self.shared_kv:
-            # GroupQueryAttention writes the new keys into the past buffer in place when the
-            # present output is bound to the same memory; capacity doubles when it runs out.
-            self._buffers = [np.zeros((batch, m.kv_heads, self.initial_capacity, m.head_dim), m.kv_dtype)
-                             for _ in self._past_names]
-        else:
-            self._buffers = [np.zeros((batch, m.kv_heads, 0, m.head_dim), m.kv_dtype) for _ in self._past_names]
-        self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self._bind_shared()
+        return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, m.kv_heads, 0, m.head_dim), m.kv_dtype))
+                for _ in self._past_names]
 
-    def _bind_shared(self) -> None:
-        """One IO binding per cache buffer: past and present bound to the same memory, once, so a
-        decode step binds only its three small inputs (fewer Python calls per token)."""
-        self._io, self._logits = None, None
-        self._bound_keep = None
-        if self.shared_kv:
-            self._io = self.session.io_binding()
-            self._io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot
-            for past, present, value in zip(self._past_names, self._present_names, self._past, strict=True):
-                self._io.bind_ortvalue_input(past, value)
-                self._io.bind_ortvalue_output(present, value)  # the same memory: updated in place
+    def past_to_numpy(self, past: Past) -> list[np.ndarray]:
+        return [v.numpy() for v in past]
 
-    def _grow(self, needed: int) -> None:
-        capacity = self._buffers[0].shape[2]
-        while capacity < needed:
-            capacity *= 2
-        if self.meta.context:
-            capacity = min(capacity, self.meta.context)
-        used = self.past_length
-        grown = []
-        for old in self._buffers:
-            new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], old.dtype)
-            new[:, :, :used] = old[:, :, :used]
-            grown.append(new)
-        self._buffers = grown
-        self._past = [self._ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
-        self._bind_shared()
+    def past_from_numpy(self, arrays: list[np.ndarray]) -> Past:
+        # a CPU OrtValue wraps the array's memory and keeps a reference to it: no copy
+        return [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays]
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
-        if self._gqa and input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and self.past_length > 0:
-            raise UsageError(
-                "ONNX Runtime's GroupQueryAttention (the ort flavour) cannot take several new tokens on a non-empty "
-                f"cache for batch > 1 (got batch {input_ids.shape[0]}, {input_ids.shape[1]} tokens after "
-                f"{self.past_length}); prefill each batch in one call, or use the portable flavour")
-        if self.shared_kv and self.past_length + input_ids.shape[1] > self._buffers[0].shape[2]:
-            self._grow(self.past_length + input_ids.shape[1])
-        if self.shared_kv:
-            io = self._io  # the cache stays bound between steps: only the new inputs are bound
-        else:
-            io = self.session.io_binding()
-            io.bind_output("logits")  # outputs come back in binding order: logits first
-            for name, value in zip(self._past_names, self._past, strict=True):
-                io.bind_ortvalue_input(name, value)
-            for name in self._present_names:
-                io.bind_output(name)
-        io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("attention_mask", attention_mask)
-        io.bind_cpu_input("position_ids", position_ids)
-        if self._has_keep and logits_to_keep != self._bound_keep:
-            # the shared binding keeps it between steps: rebound only when it changes
-            # bound as an OrtValue: IO binding's bind_cpu_input cannot find an input that has an
-            # initializer (its default), bind_ortvalue_input can
-            self._keep = self._ort.OrtValue.ortvalue_from_numpy(np.array(logits_to_keep, np.int64))
-            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep)
-            self._bound_keep = logits_to_keep if self.shared_kv else 0
-        decode = self.shared_kv and input_ids.shape[1] == 1 and self._float_logits
-        if decode:
-            # a decode step writes its logits into a buffer of ours: no output wrappers to build
-            shape = (input_ids.shape[0], 1, self.meta.vocab_size)
-            if self._logits is None or self._logits.shape != shape:
-                self._logits = np.empty(shape, np.float32)
-                self._logits_value = self._ort.OrtValue.ortvalue_from_numpy(self._logits)
-            io.bind_ortvalue_output("logits", self._logits_value)
-        else:
-            io.bind_output("logits")
+    def bind_logits_to_keep(self, io, logits_to_keep: int) -> None:
+        """Feed ``logits_to_keep`` when the graph has that input (0, its default, is left unbound).
+        Bound as an OrtValue: IO binding's bind_cpu_input cannot find an input that has an
+        initializer (its default), bind_ortvalue_input can. One OrtValue per value, kept."""
+        if not self._has_keep:
+            return
+        value = self._keep_values.get(logits_to_keep)
+        if value is None:
+            value = self._keep_values[logits_to_keep] = self._ort.OrtValue.ortvalue_from_numpy(
+                np.array(logits_to_keep, np.int64))
+        io.bind_ortvalue_input(LOGITS_TO_KEEP, value)
+
+    def _timed_run(self, io) -> None:
         start = time.perf_counter()
         self.session.run_with_iobinding(io)
         self.run_seconds += time.perf_counter() - start
-        if decode:
-            return self._logits.copy()  # the buffer is rewritten by the next step
+
+    def _run_impl(self, input_ids, attention_mask, position_ids, past, logits_to_keep=0):
+        b, t = input_ids.shape
+        if self._gqa and b > 1 and t > 1 and attention_mask.shape[1] > t:
+            raise UsageError(
+                "ONNX Runtime's GroupQueryAttention (the ort flavour) cannot take several new tokens on a non-empty "
+                f"cache for batch > 1 (got batch {b}, {t} tokens after {attention_mask.shape[1] - t}); prefill each "
+                "batch in one call, or use the portable flavour")
+        io = self.session.io_binding()
+        io.bind_output("logits")  # outputs come back in binding order: logits first
+        for name, value in zip(self._past_names, past, strict=True):
+            io.bind_ortvalue_input(name, value)
+        for name in self._present_names:
+            io.bind_output(name)
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", attention_mask)
+        io.bind_cpu_input("position_ids", position_ids)
+        if logits_to_keep:
+            self.bind_logits_to_keep(io, logits_to_keep)
+        self._timed_run(io)
         outputs = io.get_outputs()
-        if not self.shared_kv:
-            self._past = list(outputs[1:])
-        return outputs[0].numpy().astype(np.float32, copy=False)
+        return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
 
     def end_profiling(self) -> str:
         """Stop ORT's profiler; returns the path of its JSON trace (only with profile=True)."""
@@ -195,4 +178,180 @@ class OnnxRuntimeRunner(Runner):
         return self.session.end_profiling()
 
     def _deactivate_impl(self) -> None:
-        self.session, self._past, self._buffers, self._io, self._logits = None, None, None, None, None
+        self.session = None
+
+
+class SlotPool(KVCache):
+    """One preallocated buffer per layer key/value, ``[slots, kv_heads, capacity, head_dim]``,
+    each slot (row) with its own length, bound as both past and present of GroupQueryAttention.
+
+    Decoding rows stay compacted at the bottom: slot i holds ``rows[i]``, so a decode step runs
+    all of them as the contiguous view ``buf[0:n]``, with a right-padded mask whose last 1 in
+    each row is that row's length (the graph's seqlens_k). When a row retires, the last row
+    moves into its slot (copying only its used length). A prefill chunk runs batch 1 on its own
+    slot's view ``buf[i:i+1]`` (ORT's GroupQueryAttention takes several new tokens on a
+    non-empty cache only for batch 1). IO bindings are built once per decode width and per slot,
+    and rebuilt only when the buffers grow.
+    """
+
+    kind = "slots"
+
+    def __init__(self, runner: OnnxRuntimeRunner, max_batch: int, capacity: int):
+        super().__init__(runner, max_batch)
+        m = runner.meta
+        self._ort, self._session = runner._ort, runner.session
+        self.capacity = max(1, min(capacity, m.context or capacity))
+        self._buffers = self._allocate(self.capacity)
+        self._slot: dict = {}
+        self._lens = np.zeros(max_batch, np.int64)  # used length per slot
+        self._free = set(range(max_batch))
+        self._bindings: dict = {}
+        self._logits = np.empty((max_batch, 1, m.vocab_size), np.float32) if runner._float_logits else None
+
+    def _allocate(self, capacity: int) -> list[np.ndarray]:
+        m = self.runner.meta
+        return [np.zeros((self.max_batch, m.kv_heads, capacity, m.head_dim), m.kv_dtype)
+                for _ in self.runner._past_names]
+
+    def __contains__(self, seq) -> bool:
+        return seq in self._slot
+
+    def length(self, seq) -> int:
+        return int(self._lens[self._slot[seq]])
+
+    def add(self, seq) -> None:
+        if seq in self._slot:
+            raise StarliftError(f"sequence {seq!r} is already in the cache")
+        if not self._free:
+            raise StarliftError(f"all {self.max_batch} slots are taken")
+        slot = min(self._free)  # decoding rows hold [0, n): a free slot is above them
+        self._free.remove(slot)
+        self._slot[seq] = slot
+        self._lens[slot] = 0
+
+    # ---- binding -------------------------------------------------------------------------
+    def _bind(self, rows: slice):
+        """An IO binding with past and present of every layer bound to ``buf[rows]``."""
+        io = self._session.io_binding()
+        io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot
+        runner = self.runner
+        for past, present, buf in zip(runner._past_names, runner._present_names, self._buffers, strict=True):
+            view = self._ort.OrtValue.ortvalue_from_numpy(buf[rows])  # contiguous: rows are the leading axis
+            io.bind_ortvalue_input(past, view)
+            io.bind_ortvalue_output(present, view)  # the same memory: updated in place
+        return io
+
+    def _grow(self, needed: int) -> None:
+        context = self.runner.meta.context
+        if context and needed > context:
+            raise UsageError(f"{needed} tokens exceed the model's context of {context}")
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(capacity, context) if context else capacity
+        used = int(self._lens.max())
+        grown = self._allocate(capacity)
+        for new, old in zip(grown, self._buffers, strict=True):
+            new[:, :, :used] = old[:, :, :used]
+        self._buffers, self.capacity, self._bindings = grown, capacity, {}
+
+    def _copy(self, src: int, dst: int) -> None:
+        n = int(self._lens[src])
+        for buf in self._buffers:
+            buf[dst, :, :n] = buf[src, :, :n]
+        self._lens[dst] = n
+
+    # ---- steps ---------------------------------------------------------------------------
+    def prefill(self, seq, ids, all_logits: bool = False) -> np.ndarray:
+        slot = self._slot[seq]
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
+        done, t = int(self._lens[slot]), ids.shape[1]
+        self._check_room(seq, t)
+        if done + t > self.capacity:
+            self._grow(done + t)
+        key = ("prefill", slot)
+        io = self._bindings.get(key)
+        if io is None:
+            io = self._bindings[key] = self._bind(slice(slot, slot + 1))
+        mask = np.ones((1, done + t), np.int64)
+        positions = np.arange(done, done + t, dtype=np.int64)[None]
+        self.runner.check_inputs(ids, mask, positions)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        # the binding is kept per slot, so logits_to_keep is bound on every chunk: 1 (the graph
+        # skips the LM head for every position but the last), or 0 (all) for all_logits
+        self.runner.bind_logits_to_keep(io, 0 if all_logits else 1)
+        io.bind_output("logits")
+        self.runner._timed_run(io)
+        self._lens[slot] = done + t
+        logits = io.get_outputs()[0].numpy().astype(np.float32, copy=False)
+        return logits[0] if all_logits else logits[0, -1]
+
+    def join(self, seq) -> None:
+        n, slot = len(self.rows), self._slot[seq]
+        if slot != n:  # the first slot above the decoding rows: move (or swap) this one there
+            other = next((s for s, i in self._slot.items() if i == n), None)
+            if other is None:
+                self._copy(slot, n)
+                self._free.add(slot)
+                self._free.discard(n)
+                self._lens[slot] = 0
+            else:  # a sequence still prefilling holds slot n: swap the two
+                mine, theirs = int(self._lens[slot]), int(self._lens[n])
+                for buf in self._buffers:
+                    held = buf[slot, :, :mine].copy()
+                    buf[slot, :, :theirs] = buf[n, :, :theirs]
+                    buf[n, :, :mine] = held
+                self._lens[slot], self._lens[n] = theirs, mine
+                self._slot[other] = slot
+            self._slot[seq] = n
+        self.rows.append(seq)
+
+    def decode(self, tokens) -> np.ndarray:
+        n = len(self.rows)
+        if not n:
+            raise StarliftError("no sequence has joined the decode batch")
+        lens = self._lens[:n]
+        total = int(lens.max()) + 1
+        if total > self.capacity:
+            self._grow(total)
+        key = ("decode", n)
+        io = self._bindings.get(key)
+        if io is None:
+            io = self._bindings[key] = self._bind(slice(0, n))
+            if self._logits is not None:  # a decode step writes its logits into our buffer
+                self._bindings[key, "logits"] = self._ort.OrtValue.ortvalue_from_numpy(self._logits[:n])
+                io.bind_ortvalue_output("logits", self._bindings[key, "logits"])
+        ids = np.asarray(tokens, np.int64).reshape(n, 1)
+        # right-padded: row b holds 1 up to its new token at index lens[b] (the graph's seqlens_k)
+        mask = (np.arange(total)[None, :] <= lens[:, None]).astype(np.int64)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", lens.reshape(n, 1).copy())
+        if self._logits is None:
+            io.bind_output("logits")
+        self.runner._timed_run(io)
+        self._lens[:n] += 1
+        if self._logits is not None:
+            return self._logits[:n, 0]
+        return io.get_outputs()[0].numpy().astype(np.float32, copy=False)[:, -1]
+
+    def remove(self, seq) -> None:
+        slot = self._slot.pop(seq)
+        n = len(self.rows)
+        if slot < n:  # a decoding row: the last row moves into its slot
+            last = n - 1
+            if slot != last:
+                moved = self.rows[last]
+                self._copy(last, slot)
+                self.rows[slot] = moved
+                self._slot[moved] = slot
+            self.rows.pop()
+            slot = last
+        self._lens[slot] = 0
+        self._free.add(slot)
+
+    def close(self) -> None:
+        super().close()
+        self._buffers, self._bindings, self._slot = [], {}, {}

@@ -6,6 +6,7 @@ precision hint is always set explicitly.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ class OpenVinoRunner(Runner):
                                 "it runs the portable flavour: export with --flavour portable") from e
         self.model = model
         self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
 
     def _read_metadata_impl(self) -> ModelMeta:
         def shape(port):
@@ -58,6 +60,7 @@ class OpenVinoRunner(Runner):
         kv_port = next(p for p in self.model.inputs if p.get_any_name().startswith("past_key_values."))
         kv_type = kv_port.get_element_type().get_type_name()
         self._kv_ov_type = kv_port.get_element_type()
+        self._bf16 = kv_type == "bf16"
         np_dtype = {"f32": np.float32, "f16": np.float16}.get(kv_type)
         if np_dtype is None and kv_type != "bf16":
             raise StarliftError(f"{self.model_path}: KV cache type {kv_type} is not supported")
@@ -65,31 +68,45 @@ class OpenVinoRunner(Runner):
         return ModelMeta(layers, kv_heads, head_dim, outputs["logits"][-1], np.dtype(np_dtype or np.float32),
                          artifact_context(self.model_path))
 
-    def _reset_impl(self, batch: int) -> None:
+    def empty_past(self, batch: int):
         import openvino as ov
 
         m = self.meta
-        self._past = [ov.Tensor(self._kv_ov_type, [batch, m.kv_heads, 0, m.head_dim]) for _ in self._past_names]
+        return [ov.Tensor(self._kv_ov_type, [batch, m.kv_heads, 0, m.head_dim]) for _ in self._past_names]
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+    def past_to_numpy(self, past) -> list[np.ndarray]:
+        # bf16 has no numpy type: its bits travel as uint16 (zero bits are 0.0, the padding)
+        return [t.data.view(np.uint16).copy() if self._bf16 else t.data.copy() for t in past]
+
+    def past_from_numpy(self, arrays):
+        import openvino as ov
+
+        if not self._bf16:
+            return [ov.Tensor(np.ascontiguousarray(a)) for a in arrays]
+        out = []
+        for a in arrays:
+            t = ov.Tensor(ov.Type.bf16, list(a.shape))
+            t.data.view(np.uint16)[...] = a
+            out.append(t)
+        return out
+
+    def _run_impl(self, input_ids, attention_mask, position_ids, past, logits_to_keep=0):
         import openvino as ov
 
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self._has_keep:
             feed[LOGITS_TO_KEEP] = np.array(logits_to_keep, np.int64)
-        feed.update(zip(self._past_names, self._past, strict=True))
-        self.request.infer(feed)
-        # Output buffers are reused by the next infer(): keep copies for the cache.
-        self._past = []
-        for name in self._present_names:
-            out = self.request.get_tensor(name)
-            self._past.append(ov.Tensor(out.data.copy()) if out.element_type != ov.Type.bf16
-                              else _copy_bf16(out))
-        return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
+        feed.update(zip(self._past_names, past, strict=True))
+        with self._lock:  # one infer request: callers on other threads (a session beside the engine) take turns
+            self.request.infer(feed)
+            # Output buffers are reused by the next infer(): keep copies for the cache.
+            present = [ov.Tensor(out.data.copy()) if not self._bf16 else _copy_bf16(out)
+                       for out in (self.request.get_tensor(name) for name in self._present_names)]
+            logits = np.array(self.request.get_tensor("logits").data, dtype=np.float32)
+        return logits, present
 
     def _deactivate_impl(self) -> None:
         self.request = self.compiled = self.model = None
-        self._past = None
 
 
 def _feedable_logits_to_keep(model) -> bool:

@@ -9,10 +9,11 @@ are what TensorRT's own samples use, they are a small wheel, and they do not tie
 CUDA build of torch (starlift installs the CPU build).
 
 KV cache: the exported graph is concat-grow (``present = concat(past, new)``), and TensorRT writes
-``present`` into a buffer of its own, so each layer's key/value has two device buffers sized for
-``max_context``, used in turn: step n reads ``past`` from set A and writes ``present`` to set B,
-step n+1 the reverse. A [B, G, P, D] contiguous tensor fits the first B*G*P*D elements of a
-[B, G, max_context, D] allocation for every P, so no step copies or reallocates the cache.
+``present`` into a buffer of its own, so the runner's past handles (``_DeviceKV``) hold, per
+layer key/value, two device buffers sized for ``max_context``, used in turn: a call reads
+``past`` from set A and writes ``present`` to set B, the next call the reverse. The engine's
+``ConcatBatch`` drives them like any backend's handles (a sequence prefilled alone, joined into
+the decode batch with left padding): only those joins and retirements copy to and from the host.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class TensorRTRunner(Runner):
             raise UsageError(f"need max_batch >= 1 and max_prefill <= max_context, got {max_batch}, "
                              f"{self.max_prefill}, {self.max_context}")
         self.engine_path: Path | None = None
-        self._buffers: list[int] = []
+        self._buffers: set[int] = set()
+        self._io: dict[str, int] = {}
 
     def _cuda(self, result):
         """cuda-python calls return (error, *values): raise on error, return the values."""
@@ -258,37 +260,76 @@ class TensorRTRunner(Runner):
         return dataclasses.replace(m, context=self.max_context)  # Runner.forward enforces the engine's context
 
     def _malloc(self, nbytes: int) -> int:
-        ptr = int(self._cuda(self._cudart.cudaMalloc(nbytes)))
-        self._buffers.append(ptr)
+        ptr = int(self._cuda(self._cudart.cudaMalloc(max(1, nbytes))))
+        self._buffers.add(ptr)
         return ptr
 
-    def _free_buffers(self) -> None:
-        for ptr in self._buffers:
+    def _free(self, ptr: int) -> None:
+        if ptr in self._buffers:
+            self._buffers.discard(ptr)
             self._cudart.cudaFree(ptr)
-        self._buffers = []
 
-    def _reset_impl(self, batch: int) -> None:
+    def _free_buffers(self) -> None:
+        for ptr in list(self._buffers):
+            self._cudart.cudaFree(ptr)
+        self._buffers = set()
+
+    def _io_buffers(self) -> dict[str, int]:
+        """Device buffers for the small inputs and the logits, sized for the largest call."""
+        if not self._io:
+            m, ctx, pre, b = self.meta, self.max_context, self.max_prefill, self.max_batch
+            self._io = {"input_ids": self._malloc(b * pre * 8), "position_ids": self._malloc(b * pre * 8),
+                        "attention_mask": self._malloc(b * ctx * 8),
+                        "logits": self._malloc(b * pre * m.vocab_size * self._np["logits"].itemsize)}
+        return self._io
+
+    # ---- KV handles ------------------------------------------------------------------------
+    def create_cache(self, max_batch: int):
+        if max_batch > self.max_batch:
+            raise UsageError(f"a cache of {max_batch} sequences exceeds the engine's max_batch of {self.max_batch}; "
+                             f"create the runner with max_batch={max_batch}")
+        return super().create_cache(max_batch)
+
+    def empty_past(self, batch: int) -> _DeviceKV:
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} exceeds the engine's max_batch of {self.max_batch}; "
                              f"create the runner with max_batch={batch}")
-        self._free_buffers()
-        m, ctx, pre = self.meta, self.max_context, self.max_prefill
-        kv_bytes = batch * m.kv_heads * ctx * m.head_dim * self._np[self._past_names[0]].itemsize
-        self._kv = [[self._malloc(kv_bytes) for _ in self._past_names] for _ in range(2)]  # ping-pong sets
-        self._kv_in = 0
-        self._io = {"input_ids": self._malloc(batch * pre * 8), "position_ids": self._malloc(batch * pre * 8),
-                    "attention_mask": self._malloc(batch * ctx * 8),
-                    "logits": self._malloc(batch * pre * m.vocab_size * self._np["logits"].itemsize)}
+        return _DeviceKV(self, batch)
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+    def past_to_numpy(self, past: _DeviceKV) -> list[np.ndarray]:
+        cudart, m = self._cudart, self.meta
+        dtype = self._np[self._past_names[0]]
+        out = []
+        for name_index in range(len(self._past_names)):
+            # the cache's [B, G, length, D] tensor fills the front of its [B, G, max_context, D] buffer
+            host = np.empty((past.batch, m.kv_heads, past.length, m.head_dim), dtype)
+            self._cuda(cudart.cudaMemcpy(host.ctypes.data, past.current[name_index], host.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+            out.append(host)
+        return out
+
+    def past_from_numpy(self, arrays: list[np.ndarray]) -> _DeviceKV:
+        cudart = self._cudart
+        kv = _DeviceKV(self, arrays[0].shape[0], arrays[0].shape[2])
+        dtype = self._np[self._past_names[0]]
+        for ptr, array in zip(kv.current, arrays, strict=True):
+            host = np.ascontiguousarray(array, dtype=dtype)
+            self._cuda(cudart.cudaMemcpy(ptr, host.ctypes.data, host.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        return kv
+
+    def _run_impl(self, input_ids, attention_mask, position_ids, past: _DeviceKV, logits_to_keep=0):
         # TensorRT's ONNX parser reads an input that has an initializer (logits_to_keep) as a
-        # constant weight: the engine computes every position and Runner.forward cuts them.
+        # constant weight: the engine computes every position and Runner.run cuts them.
         b, t = input_ids.shape
         if t > self.max_prefill:
             raise UsageError(f"{t} tokens in one call exceed max_prefill={self.max_prefill}; feed the prompt in "
                              f"chunks or create the runner with a larger max_prefill")
-        cudart, context, stream, past = self._cudart, self._context, self._stream, self._past_length
-        profile = choose_profile(t, past)
+        if b != past.batch or attention_mask.shape[1] != past.length + t:
+            raise UsageError(f"the past holds batch {past.batch} x {past.length} tokens; got batch {b} and a mask of "
+                             f"{attention_mask.shape[1]} for {t} new tokens")
+        cudart, context, stream, io = self._cudart, self._context, self._stream, self._io_buffers()
+        profile = choose_profile(t, past.length)
         if profile != self._profile:
             if not context.set_optimization_profile_async(profile, int(stream)):
                 raise StarliftError(f"TensorRT refused optimization profile {profile}")
@@ -296,24 +337,23 @@ class TensorRTRunner(Runner):
         hosts = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         hosts = {name: np.ascontiguousarray(a, dtype=self._np[name]) for name, a in hosts.items()}  # alive to sync
         for name, array in hosts.items():
-            self._cuda(cudart.cudaMemcpyAsync(self._io[name], array.ctypes.data, array.nbytes,
+            self._cuda(cudart.cudaMemcpyAsync(io[name], array.ctypes.data, array.nbytes,
                                               cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-            self._bind(name, array.shape, self._io[name])
+            self._bind(name, array.shape, io[name])
         m = self.meta
-        src, dst = self._kv[self._kv_in], self._kv[1 - self._kv_in]
-        for past_name, present_name, src_ptr, dst_ptr in zip(self._past_names, self._present_names, src, dst,
-                                                              strict=True):
-            self._bind(past_name, (b, m.kv_heads, past, m.head_dim), src_ptr)
+        for past_name, present_name, src_ptr, dst_ptr in zip(self._past_names, self._present_names, past.current,
+                                                              past.other, strict=True):
+            self._bind(past_name, (b, m.kv_heads, past.length, m.head_dim), src_ptr)
             context.set_tensor_address(present_name, dst_ptr)
-        context.set_tensor_address("logits", self._io["logits"])
+        context.set_tensor_address("logits", io["logits"])
         if not context.execute_async_v3(int(stream)):
             raise StarliftError("TensorRT execute_async_v3 failed; see its log above")
         logits = np.empty((b, t, m.vocab_size), dtype=self._np["logits"])
-        self._cuda(cudart.cudaMemcpyAsync(logits.ctypes.data, self._io["logits"], logits.nbytes,
+        self._cuda(cudart.cudaMemcpyAsync(logits.ctypes.data, io["logits"], logits.nbytes,
                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
         self._cuda(cudart.cudaStreamSynchronize(stream))
-        self._kv_in = 1 - self._kv_in  # this step's present is the next step's past
-        return logits.astype(np.float32, copy=False)
+        past.flip(t)  # this call's present is the next call's past: the same handle, consumed
+        return logits.astype(np.float32, copy=False), past
 
     def _bind(self, name: str, shape: tuple, ptr: int) -> None:
         if not self._context.set_input_shape(name, tuple(int(d) for d in shape)):
@@ -325,4 +365,37 @@ class TensorRTRunner(Runner):
             self._cudart.cudaStreamSynchronize(self._stream)
             self._free_buffers()
             self._cudart.cudaStreamDestroy(self._stream)
+        self._io = {}
         self._context = self._engine = self._runtime = self._stream = None
+
+
+class _DeviceKV:
+    """The KV handles of one concat cache on the GPU: per past input, two device buffers sized
+    for ``max_context``, used in turn (a call reads ``current`` as past and writes ``other`` as
+    present, then they swap). A [B, G, P, D] contiguous tensor fits the first B*G*P*D elements
+    of a [B, G, max_context, D] allocation for every P, so no call copies or reallocates."""
+
+    def __init__(self, runner: TensorRTRunner, batch: int, length: int = 0):
+        m = runner.meta
+        nbytes = batch * m.kv_heads * runner.max_context * m.head_dim * runner._np[runner._past_names[0]].itemsize
+        self.runner, self.batch, self.length = runner, batch, length
+        self.sets = [[runner._malloc(nbytes) for _ in runner._past_names] for _ in range(2)]
+        self._in = 0
+
+    @property
+    def current(self) -> list[int]:
+        return self.sets[self._in]
+
+    @property
+    def other(self) -> list[int]:
+        return self.sets[1 - self._in]
+
+    def flip(self, new_tokens: int) -> None:
+        self._in, self.length = 1 - self._in, self.length + new_tokens
+
+    def __del__(self):  # a handle the cache dropped frees its device memory
+        runner = self.runner
+        if runner is not None and runner.is_active:
+            for ptr in (p for pair in self.sets for p in pair):
+                runner._free(ptr)
+        self.runner = None

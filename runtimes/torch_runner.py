@@ -18,7 +18,6 @@ class TorchRunner(Runner):
         super().__init__()
         self.checkpoint, self.dtype, self.threads = checkpoint, dtype, threads
         self.model = None
-        self._past = None
 
     def _activate_impl(self) -> None:
         require("torch", "safetensors", purpose="the torch backend")
@@ -32,20 +31,33 @@ class TorchRunner(Runner):
 
     def _read_metadata_impl(self) -> ModelMeta:
         c = self.model.config
-        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        self._dtype = next(self.model.parameters()).dtype
+        dtype = str(self._dtype).removeprefix("torch.")
         return ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size,
                          np.dtype(_NP_KV[dtype]), c.max_position_embeddings)
 
-    def _reset_impl(self, batch: int) -> None:
-        self._past = self.model.empty_past(batch)
+    def empty_past(self, batch: int):
+        return [t for kv in self.model.empty_past(batch) for t in kv]
 
-    def _forward_impl(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+    def past_to_numpy(self, past) -> list[np.ndarray]:
         import torch
 
+        return [t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in past]
+
+    def past_from_numpy(self, arrays):
+        import torch
+
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(self._dtype) for a in arrays]
+
+    def _run_impl(self, input_ids, attention_mask, position_ids, past, logits_to_keep=0):
+        import torch
+
+        pairs = list(zip(past[0::2], past[1::2], strict=True))
         with torch.inference_mode():
-            logits, self._past = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask),
-                                            torch.from_numpy(position_ids), self._past, logits_to_keep=logits_to_keep)
-        return logits.numpy()
+            logits, present = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask),
+                                         torch.from_numpy(position_ids), pairs,
+                                         logits_to_keep=logits_to_keep)
+        return logits.numpy(), [t for kv in present for t in kv]
 
     def _deactivate_impl(self) -> None:
-        self.model, self._past = None, None
+        self.model = None
