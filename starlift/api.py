@@ -41,6 +41,9 @@ def artifact_task(folder: Path) -> str:
     return Starcoder2Config.from_hf(folder).task
 
 
+ENGINE_OPTIONS = ("max_batch", "max_queue", "prefill_chunk")
+
+
 def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool | str = True,
          public_key: str | Path | None = None, **options) -> Generator:
     """A Generator for an artifact folder (ONNX backends) or a checkpoint folder / bundled name /
@@ -52,8 +55,9 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
     ``verify_artifact="full"`` hashes every byte anyway, ``False`` skips the check: a corrupted
     weight file then runs without any error. ``public_key`` (a trusted signer's public key file,
     or a folder of them) also requires a valid signature over the manifest, checked before any
-    byte of the model is read. ``options`` go to the runner (e.g. ``threads``, ``providers``,
-    ``precision``).
+    byte of the model is read. ``max_batch``, ``max_queue`` and ``prefill_chunk`` go to the engine
+    (see docs/guide/engine.md); the other ``options`` go to the runner (e.g. ``threads``,
+    ``providers``, ``precision``).
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
@@ -79,8 +83,9 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
         raise UsageError(f"{path} is a {task} model, not a text generator: use starlift.pipeline({task!r}, "
                          f"model={str(path)!r}) or `starlift classify`")
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    engine_options = {k: options.pop(k) for k in ENGINE_OPTIONS if k in options}
     runner = create_runner(backend, folder, **options)
-    return Generator(runner, tokenizer, _eos(folder), source=folder)
+    return Generator(runner, tokenizer, _eos(folder), source=folder, **engine_options)
 
 
 class TextGenerationPipeline:

@@ -31,3 +31,11 @@ class ArtifactError(StarliftError):
 
 class ParityError(StarliftError):
     """A model whose logits leave the tolerance against the reference."""
+
+
+class QueueFullError(StarliftError):
+    """The engine's queue is full: try again after ``retry_after`` seconds (an estimate)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,5 +1,8 @@
-"""Generation above the runners: sampling, the token loop and the text API (``Generator``)."""
+"""Generation above the runners: the engine (sequences, their caches, the scheduler, the one
+token loop), sampling, and the text API (``Generator``)."""
 
-from .generation import Generator, SamplingParams, generate_tokens
+from .engine import Engine, RequestHandle, Scheduler, TokenEvent
+from .generation import Generator
+from .sampling import SamplingParams
 
-__all__ = ["Generator", "SamplingParams", "generate_tokens"]
+__all__ = ["Engine", "Generator", "RequestHandle", "SamplingParams", "Scheduler", "TokenEvent"]

@@ -35,21 +35,30 @@ TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
 
 
 def teacher_forced(runner, case: ParityCase) -> np.ndarray:
-    """(positions, vocab) logits of the runner: a prefill, then one token per step."""
-    ids = np.asarray([case.tokens], dtype=np.int64)
-    runner.reset(1)
-    out = [runner.forward(ids[:, :case.prompt_len], np.ones((1, case.prompt_len), np.int64),
-                          np.arange(case.prompt_len)[None])[0]]
-    for t in range(case.prompt_len, len(case.tokens)):
-        out.append(runner.forward(ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]))[0])
+    """(positions, vocab) logits of the runner: a prefill, then one token per step, through the
+    KV cache generation uses (the engine's ``runner.create_cache``)."""
+    ids = np.asarray(case.tokens, dtype=np.int64)
+    cache = runner.create_cache(1)
+    try:
+        cache.add(0)
+        out = [cache.prefill(0, ids[:case.prompt_len], all_logits=True)]
+        cache.join(0)
+        for t in range(case.prompt_len, len(ids)):
+            out.append(np.array(cache.decode(ids[t:t + 1])))  # a copy: the next step rewrites the buffer
+    finally:
+        cache.close()
     return np.concatenate(out, axis=0)
 
 
 def greedy(runner, prompt: list[int], steps: int) -> list[int]:
-    from starlift.engine.generation import SamplingParams, generate_tokens
+    """Greedy tokens through the engine (the one token loop), EOS ignored."""
+    from starlift.engine import Engine, SamplingParams
 
-    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
-    return [int(t[0]) for t in generate_tokens(runner, [prompt], params, eos_token_id=None)]
+    with Engine(runner, max_batch=1) as engine:
+        handle = engine.submit(prompt, SamplingParams(max_new_tokens=steps, ignore_eos=True)).wait()
+        if handle.error is not None:
+            raise handle.error
+        return handle.token_ids
 
 
 def judge(values: dict[str, Any], precision: str) -> dict[str, Any]:
