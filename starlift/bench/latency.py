@@ -15,8 +15,9 @@ this Python's standard library and checked by sha256):
   shine; the request keeps the edited file's next tokens as ``reference_continuation``).
 
 Every row generates greedily exactly N tokens (EOS does not stop it, so every row does the same
-work) from the same token ids: starlift's rows through ``generate_tokens`` (the generation loop
-every starlift API uses, its prefill computing logits for the last position only), llama.cpp's
+work) from the same token ids: starlift's rows through the ``Engine`` (the generation loop every
+starlift API uses, its prefill computing logits for the last position only; one request at a
+time, so the prompt is fed in one chunk: nothing decodes beside it), llama.cpp's
 through llama-cpp-python's ``Llama.eval`` in its own process (it computes the last position's
 logits only as well). Requests are interleaved round-robin over the rows, repetition by
 repetition, so machine noise hits every row alike; figures are medians.
@@ -155,22 +156,27 @@ class _StarliftRow:
         from starlift.runtimes import create_runner
 
         options = {"threads": self.threads} if self.threads else {}
+        from starlift.engine import Engine
+
         self.runner = create_runner(self.backend, self.path, **options).activate()
+        # one request at a time: the whole prompt in one prefill call (no decode to interleave with)
+        self.engine = Engine(self.runner, max_batch=1, prefill_chunk=1 << 20).start()
         return self
 
     def complete(self, ids: list[int], new_tokens: int) -> dict:
-        from starlift.engine.generation import SamplingParams, generate_tokens
+        from starlift.engine import SamplingParams
 
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-        tokens = []
         t0 = time.perf_counter()
-        for step in generate_tokens(self.runner, [ids], params, eos_token_id=None):
-            if not tokens:
-                ttft = time.perf_counter() - t0
-            tokens.append(int(step[0]))
-        return {"tokens": tokens, "ttft_s": ttft, "total_s": time.perf_counter() - t0}
+        handle = self.engine.submit(ids, params)
+        events = list(handle)
+        if handle.error is not None:
+            raise handle.error
+        return {"tokens": [e.token_id for e in events], "ttft_s": events[0].time - t0,
+                "total_s": events[-1].time - t0}
 
     def deactivate(self):
+        self.engine.close()
         self.runner.deactivate()
 
 

@@ -1,11 +1,13 @@
 """``starlift profile``: where a decode step's (or, with ``--prefill N``, a prefill's) time goes on ONNX Runtime.
 
-Two passes over the same greedy generation (``generate_tokens``, the loop every starlift API
-uses), after a prefill that is not counted:
+Two passes over the same greedy generation through the engine (the loop every starlift API
+runs: ``batch`` requests submitted at once), counting only the steps where every request
+decodes (prefill chunks and the ramp up and down are left out):
 
-1. unprofiled: wall time per token, split into the time inside ORT's run call and the rest
-   (starlift's own Python: binding inputs, the cache bookkeeping, sampling), so the Python
-   overhead per token is measured rather than guessed;
+1. unprofiled: wall time per step (from one step's start to the next's, so the engine's whole
+   loop is in it), split into the time inside ORT's run call and the rest (starlift's own
+   Python: scheduling, binding inputs, the cache bookkeeping, sampling, handing events to the
+   callers), so the Python overhead per step is measured rather than guessed;
 2. with ORT's kernel profiler: each kernel's time, summed by op type, and ORT's own framework
    time between kernels (a run's duration minus its kernels).
 
@@ -27,32 +29,44 @@ import numpy as np
 from starlift.core.errors import UsageError
 
 
-def _greedy(runner, prompt: np.ndarray, steps: int) -> float:
-    from starlift.engine.generation import SamplingParams, generate_tokens
+def _greedy(runner, prompt, steps: int) -> tuple[float, float, int, int]:
+    """Generate ``steps`` + 1 tokens for every row of ``prompt`` on a fresh engine; returns the
+    wall and in-ORT seconds of the full-batch decode steps, how many there were, and how many
+    model runs came before the first of them."""
+    from starlift.engine import Engine, SamplingParams
 
-    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
-    tokens = generate_tokens(runner, prompt.tolist(), params, eos_token_id=None)
-    next(tokens)  # prefill + first token: not part of the per-step figures
-    runner.run_seconds = 0.0
-    start = time.perf_counter()
-    for _ in tokens:
-        pass
-    return time.perf_counter() - start
+    batch = prompt.shape[0]
+    with Engine(runner, max_batch=batch, trace=True) as engine:
+        params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+        handles = [engine.submit(row.tolist(), params) for row in prompt]
+        for handle in handles:
+            handle.wait()
+            if handle.error is not None:
+                raise handle.error
+        trace = engine.trace
+    # (start, end, decoded rows, prefill tokens, prefill calls, seconds in the runtime)
+    full = [i for i, it in enumerate(trace) if it[2] == batch and it[4] == 0 and i + 1 < len(trace)]
+    if not full:
+        raise UsageError("no decode step ran with every request in the batch; raise --steps")
+    wall = sum(trace[i + 1][0] - trace[i][0] for i in full)  # a step's wall runs to the next step's start
+    inside = sum(trace[i][5] for i in full)
+    runs_before = sum((1 if it[2] else 0) + it[4] for it in trace[:full[0]])
+    return wall, inside, len(full), runs_before
 
 
-def _kernels(trace_path: str, runs_to_skip: int) -> tuple[dict[str, float], float, int]:
-    """Kernel microseconds by op type and total run microseconds, over the runs after the
-    first ``runs_to_skip`` (the prefill), from ORT's trace."""
+def _kernels(trace_path: str, runs_to_skip: int, runs: int) -> tuple[dict[str, float], float, int]:
+    """Kernel microseconds by op type and total run microseconds over ``runs`` model runs after
+    the first ``runs_to_skip`` (prefill chunks and the ramp up), from ORT's trace."""
     events = json.loads(Path(trace_path).read_text())
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                  key=lambda e: e["ts"])
-    kept = runs[runs_to_skip:]
+    all_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                      key=lambda e: e["ts"])
+    kept = all_runs[runs_to_skip:runs_to_skip + runs]
     if not kept:
         raise UsageError("the profiler recorded no decode steps")
-    start = kept[0]["ts"]
+    start, end = kept[0]["ts"], kept[-1]["ts"] + kept[-1]["dur"]
     by_op: dict[str, float] = defaultdict(float)
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and start <= e["ts"] <= end:
             by_op[e.get("args", {}).get("op_name", "?")] += e["dur"]
     return dict(by_op), float(sum(r["dur"] for r in kept)), len(kept)
 
@@ -71,20 +85,18 @@ def run(path: str | Path, prompt_len: int = 128, steps: int = 64, batch: int = 1
     options = {"threads": threads} if threads else {}
     with OnnxRuntimeRunner(path / "model.onnx", **options) as runner:
         prompt = _prompt(runner.meta.vocab_size, batch, prompt_len)
-        _greedy(runner, prompt[:, :16], 4)  # warm-up
-        walls, inside = [], []
+        _greedy(runner, prompt[:, :16], batch + 4)  # warm-up
+        per_step = []
         for _ in range(reps):
-            walls.append(_greedy(runner, prompt, steps))
-            inside.append(runner.run_seconds)
-    best = int(np.argmin(walls))
-    wall, in_ort = walls[best] / steps, inside[best] / steps
+            wall, inside, n, _ = _greedy(runner, prompt, steps)
+            per_step.append((wall / n, inside / n))
+    wall, in_ort = min(per_step)
     trace = None
     try:
         with OnnxRuntimeRunner(path / "model.onnx", profile=True, **options) as runner:
-            _greedy(runner, prompt, steps)
+            _, _, n, before = _greedy(runner, prompt, steps)
             trace = runner.end_profiling()
-        # the profiled session ran: warm-up (none), the prefill (1 run), then `steps` decode runs
-        by_op, run_us, n = _kernels(trace, 1)
+        by_op, run_us, n = _kernels(trace, before, n)
     finally:
         if trace and os.path.exists(trace):
             os.remove(trace)
@@ -122,9 +134,9 @@ def run_prefill(path: str | Path, prompt_len: int = 1024, threads: int | None = 
 
     def prefill(runner, keep: int) -> float:
         ids = _prompt(runner.meta.vocab_size, 1, prompt_len)
-        runner.reset(1)
+        single = runner.single_batch(1)
         start = time.perf_counter()
-        runner.forward(ids, np.ones_like(ids), np.arange(prompt_len)[None], logits_to_keep=keep)
+        single.forward(ids, np.ones_like(ids), np.arange(prompt_len)[None], logits_to_keep=keep)
         return time.perf_counter() - start
 
     with OnnxRuntimeRunner(path / "model.onnx", **options) as runner:
@@ -137,7 +149,7 @@ def run_prefill(path: str | Path, prompt_len: int = 1024, threads: int | None = 
             prefill(runner, 1)
             prefill(runner, 1)
             trace = runner.end_profiling()
-        by_op, run_us, n = _kernels(trace, 1)
+        by_op, run_us, n = _kernels(trace, 1, 1)
     finally:
         if trace and os.path.exists(trace):
             os.remove(trace)

@@ -90,39 +90,46 @@ def _prompt(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(min(38, vocab - 1), vocab, size=(batch, length)).astype(np.int64)
 
 
-def run_decode(runner, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-    """One timed generation on a runner: prefill (TTFT) then greedy decode steps."""
-    ids = _prompt(runner.meta.vocab_size, batch, prompt_len)
-    mask = np.ones((batch, prompt_len), np.int64)
-    runner.reset(batch)
+def run_decode(engine, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """One timed generation through the engine, the loop every starlift API runs: ``batch``
+    requests with prompts of ``prompt_len`` tokens submitted at once, greedy, EOS ignored.
+    TTFT is the first request's; decode tokens/s counts the tokens made while every request
+    was decoding (from the last one's first token to the first one's last)."""
+    from starlift.engine import SamplingParams
+
+    ids = _prompt(engine.vocab_size, batch, prompt_len)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    logits = runner.forward(ids, mask, np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)), logits_to_keep=1)
-    token = logits[:, -1].argmax(-1)
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for step in range(new_tokens - 1):
-        pos = prompt_len + step
-        mask = np.ones((batch, pos + 1), np.int64)
-        logits = runner.forward(token[:, None], mask, np.full((batch, 1), pos))
-        token = logits[:, -1].argmax(-1)
-    decode = time.perf_counter() - t1
-    return {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / decode}
+    handles = [engine.submit(row.tolist(), params) for row in ids]
+    times = [[event.time for event in handle] for handle in handles]  # the others' events queue meanwhile
+    for handle in handles:
+        if handle.error is not None:
+            raise handle.error
+    start, end = max(t[0] for t in times), min(t[-1] for t in times)
+    tokens = sum(1 for t in times for x in t if start < x <= end)
+    return {"ttft_s": times[0][0] - t0, "decode_tokens_per_s": tokens / (end - start)}
 
 
-def latency_by_position(runner, positions: list[int], reps: int = 5) -> dict[int, float]:
-    """Median seconds of one decode step with ``p`` tokens already in the cache."""
+def latency_by_position(runner, positions: list[int], reps: int = 5, chunk: int = 512) -> dict[int, float]:
+    """Median seconds of one decode step with ``p`` tokens already in the cache (the cache
+    generation uses: ``runner.create_cache``)."""
     out = {}
     vocab = runner.meta.vocab_size
     for p in positions:
-        ids = _prompt(vocab, 1, p)
-        runner.reset(1)
-        runner.forward(ids, np.ones((1, p), np.int64), np.arange(p)[None], logits_to_keep=1)
-        times = []
-        for r in range(reps):
-            # decode at the same position each rep: rebuild the cache only when it has grown
-            t = time.perf_counter()
-            runner.forward(ids[:, :1], np.ones((1, p + r + 1), np.int64), np.array([[p + r]]))
-            times.append(time.perf_counter() - t)
+        ids = _prompt(vocab, 1, p)[0]
+        cache = runner.create_cache(1)
+        try:
+            cache.add(0)
+            for i in range(0, p, chunk):  # in chunks, as the engine prefills
+                cache.prefill(0, ids[i:i + chunk])
+            cache.join(0)
+            times = []
+            for r in range(reps):
+                t = time.perf_counter()
+                cache.decode(ids[r:r + 1])
+                times.append(time.perf_counter() - t)
+        finally:
+            cache.close()
         out[p] = float(np.median(times))
     return out
 
@@ -135,7 +142,14 @@ class _Row:
         self.read_bytes = weight_bytes  # weights a decode step reads (artifacts: see decode_read_bytes)
         self.samples: dict[str, list[float]] = {}
         self.runner = None
+        self.engine = None  # starlift rows run through the engine; peers keep their own loops
         self.rss = 0
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        self.runner.deactivate()
 
     def add(self, key: str, value: float) -> None:
         self.samples.setdefault(key, []).append(value)
@@ -209,6 +223,36 @@ class TransformersRunner:
                              cache=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
         self.cache = out.cache
         return out.logits.numpy()
+
+    def decode(self, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+        """The peer's own loop: prefill (TTFT) then greedy decode steps on one batch."""
+        ids = _prompt(self.meta.vocab_size, batch, prompt_len)
+        self.reset(batch)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, np.ones((batch, prompt_len), np.int64),
+                              np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)))
+        token = logits[:, -1].argmax(-1)
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for step in range(new_tokens - 1):
+            pos = prompt_len + step
+            logits = self.forward(token[:, None], np.ones((batch, pos + 1), np.int64), np.full((batch, 1), pos))
+            token = logits[:, -1].argmax(-1)
+        return {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (time.perf_counter() - t1)}
+
+    def latency_by_position(self, positions: list[int], reps: int = 5) -> dict[int, float]:
+        out = {}
+        for p in positions:
+            ids = _prompt(self.meta.vocab_size, 1, p)
+            self.reset(1)
+            self.forward(ids, np.ones((1, p), np.int64), np.arange(p)[None])
+            times = []
+            for r in range(reps):
+                t = time.perf_counter()
+                self.forward(ids[:, :1], np.ones((1, p + r + 1), np.int64), np.array([[p + r]]))
+                times.append(time.perf_counter() - t)
+            out[p] = float(np.median(times))
+        return out
 
 
 class GenaiPeer:
@@ -386,10 +430,18 @@ def _has_own_loop(runner) -> bool:
     return isinstance(runner, (GenaiPeer, WorkerPeer))
 
 
+def _latency(row, positions: list[int]) -> dict[int, float]:
+    if _has_own_loop(row.runner):  # measured end to end: no per-step call
+        return {}
+    if isinstance(row.runner, TransformersRunner):
+        return row.runner.latency_by_position(positions)
+    return latency_by_position(row.runner, positions)
+
+
 def _decode(row, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-    if _has_own_loop(row.runner):
+    if row.engine is None:  # a peer: its own loop
         return row.runner.decode(batch, prompt_len, new_tokens)
-    return run_decode(row.runner, batch, prompt_len, new_tokens)
+    return run_decode(row.engine, batch, prompt_len, new_tokens)
 
 
 def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens: int = 128,
@@ -445,21 +497,23 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
     try:
         if sequential:  # one model in memory at a time: rows are not interleaved
             for row in rows:
-                _activate(row, prompt_len)
+                _activate(row, prompt_len, max(batches))
                 _timed([row], batches, reps, prompt_len, new_tokens, progress)
                 results.append(_summarize(row, bandwidth, batches, prompt_len, new_tokens, positions))
-                row.runner.deactivate()
+                row.close()
         else:
             for row in rows:
-                _activate(row, prompt_len)
+                _activate(row, prompt_len, max(batches))
             _timed(rows, batches, reps, prompt_len, new_tokens, progress)
             for row in rows:
                 results.append(_summarize(row, bandwidth, batches, prompt_len, new_tokens, positions))
-                row.runner.deactivate()
+                row.close()
     finally:
-        for row in rows:  # subprocess peers must not outlive a failed run
+        for row in rows:  # subprocess peers and engine threads must not outlive a failed run
             if isinstance(row.runner, WorkerPeer):
                 row.runner.deactivate()
+            if row.engine is not None:
+                row.engine.close()
     bandwidth.append(memory_bandwidth())
     best_bw = max(bandwidth)
     for r in results:  # the roofline against the highest bandwidth seen in the run
@@ -468,9 +522,14 @@ def run(paths: list[str], backends: list[str], prompt_len: int = 128, new_tokens
     return _compare(results, best_bw, bandwidth, prompt_len, new_tokens, batches, reps, threads, sequential)
 
 
-def _activate(row: _Row, prompt_len: int) -> None:
+def _activate(row: _Row, prompt_len: int, max_batch: int) -> None:
+    from starlift.engine import Engine
+    from starlift.runtimes.base import Runner
+
     base = _rss()
     row.runner = row.make_runner().activate()
+    if isinstance(row.runner, Runner):
+        row.engine = Engine(row.runner, max_batch=max_batch).start()
     row.rss = _rss() - base
     if isinstance(row.runner, WorkerPeer):  # another process: its own RSS growth, its model's size
         row.rss, row.weight_bytes = row.runner.rss_bytes, row.runner.weight_bytes
@@ -497,7 +556,7 @@ def _summarize(row, bandwidth, batches, prompt_len, new_tokens, positions) -> di
     bandwidth.append(memory_bandwidth())
     context = row.runner.meta.context or 2048
     pos_list = positions or [p for p in (64, 256, 1024, 4096) if p < context]
-    lat = {} if _has_own_loop(row.runner) else latency_by_position(row.runner, pos_list)
+    lat = _latency(row, pos_list)
     med = {k: float(np.median(v)) for k, v in row.samples.items()}
     tps1 = med["tokens_per_s@1"]
     return {

@@ -29,6 +29,8 @@ COMMANDS = {
     "classify": ("starlift.cli.classify", "label texts or their tokens with a classification artifact"),
     "parity": ("starlift.cli.parity", "teacher-forced logits of runners vs the reference; exit 1 on FAIL"),
     "bench": ("starlift.cli.bench", "decode speed, TTFT, batch throughput, RSS and roofline vs peers"),
+    "bench-serve": ("starlift.cli.bench_serve", "the engine under many callers: streams vs offline batch, Poisson "
+                                                "arrivals (TTFT, inter-token), a long prompt arriving"),
     "profile": ("starlift.cli.profile", "where a decode step's time goes: ORT kernels by op, framework, Python"),
     "soak": ("starlift.cli.soak", "thousands of generations in one process, RSS sampled (leak check)"),
     "demo": ("starlift.cli.demo", "the main job end to end on the embedded default model"),
