@@ -140,26 +140,25 @@ def test_logits_to_keep_equals_the_full_logits_last_positions(artifact, hf):
     backends = ["onnxruntime"] + (["openvino"] if portable and _has("openvino") else [])
     for backend in backends:
         with create_runner(backend, artifact) as runner:
-            runner.reset(2)
-            full = runner.forward(ids, mask, pos)
+            full = runner.single_batch(2).forward(ids, mask, pos)
             assert full.shape == (2, 30, 99)  # the default: every position
             for keep in (1, 3, 30, 45):
-                runner.reset(2)
-                last = runner.forward(ids, mask, pos, logits_to_keep=keep)
+                last = runner.single_batch(2).forward(ids, mask, pos, logits_to_keep=keep)
                 assert last.shape == (2, min(keep, 30), 99), (backend, keep)
                 assert np.abs(last - full[:, -last.shape[1]:]).max() <= 1e-5, (backend, keep)
-                runner.reset(2)  # the graph itself computed only those positions (not cut afterwards)
-                assert runner._forward_impl(ids, mask, pos, keep).shape[1] == min(keep, 30), (backend, keep)
+                # the graph itself computed only those positions (not cut afterwards)
+                graph_logits, _ = runner._run_impl(ids, mask, pos, runner.empty_past(2), keep)
+                assert graph_logits.shape[1] == min(keep, 30), (backend, keep)
                 if keep == 3:
                     assert np.abs(last - hf_last).max() <= TOL, backend
             # a decode step after a last-1 prefill continues the same cache
-            runner.reset(2)
-            runner.forward(ids, mask, pos, logits_to_keep=1)
-            step = runner.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1,
+            single = runner.single_batch(2)
+            single.forward(ids, mask, pos, logits_to_keep=1)
+            step = single.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1,
                                   logits_to_keep=1)
-            runner.reset(2)
-            runner.forward(ids, mask, pos, logits_to_keep=1)
-            again = runner.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1)
+            single = runner.single_batch(2)
+            single.forward(ids, mask, pos, logits_to_keep=1)
+            again = single.forward(ids[:, -1:], np.concatenate([mask, np.ones((2, 1), np.int64)], 1), pos[:, -1:] + 1)
             assert step.shape == again.shape == (2, 1, 99) and np.abs(step - again).max() <= 1e-5
 
 
@@ -301,7 +300,8 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(exported):
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 2 and manifest["fusions"]["group_query_attention"] == 2
-    assert manifest["kv_cache"]["shared_buffer"] is True
+    assert manifest["kv_cache"]["shared_buffer"] is True and manifest["kv_cache"]["per_row_lengths"] is True
+    assert {p.key: p.value for p in model.metadata_props}["starlift.kv_cache.per_row_lengths"] == "true"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["local_window_size"] == 16 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # the attention really was replaced
@@ -316,38 +316,42 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(exported):
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(out / "model.onnx") as runner:  # a case ORT's kernel cannot do: a clear error
-        runner.reset(2)
+        single = runner.single_batch(2)
         ids, mask = padded_ids([6, 6], 99)
-        runner.forward(ids[:, :3], mask[:, :3], np.broadcast_to(np.arange(3), (2, 3)))
+        single.forward(ids[:, :3], mask[:, :3], np.broadcast_to(np.arange(3), (2, 3)))
         with pytest.raises(UsageError, match="prefill each batch in one call"):
-            runner.forward(ids[:, 3:], mask, np.broadcast_to(np.arange(3, 6), (2, 3)))
+            single.forward(ids[:, 3:], mask, np.broadcast_to(np.arange(3, 6), (2, 3)))
 
 
-def test_ort_flavour_kv_buffer_is_shared_and_updated_in_place(exported):
-    """The ORT runner binds past and present to one preallocated buffer for GQA graphs: the
-    kernel writes each step in place (same memory every step) and the logits equal the concat
-    path's, across the window and through buffer growth."""
+def test_ort_flavour_slot_pool_rows_have_their_own_lengths(exported, hf):
+    """The ORT runner's slot pool (GQA graphs): one preallocated buffer per layer, bound as past
+    and present, updated in place (the same memory every step once grown), two rows of
+    different lengths decoded in one step; each row's logits equal transformers' for that
+    sequence alone, across the window and through buffer growth (capacity 8 -> 128)."""
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     out = exported("ort")
-    ids, mask = padded_ids([70, 50], 99, seed=12)
-    results = {}
-    for mode in ("shared", "concat"):
-        with OnnxRuntimeRunner(out / "model.onnx", kv_buffer=mode, initial_capacity=8) as runner:
-            assert runner.shared_kv == (mode == "shared")
-            runner.reset(2)
-            pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-            steps = [runner.forward(ids[:, :20], mask[:, :20], pos[:, :20])]
-            pointers = set()
-            for t in range(20, 70):
-                steps.append(runner.forward(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]))
-                if mode == "shared" and t >= 64:  # after the last growth (8 -> 128)
-                    pointers.add(runner._past[0].data_ptr())
-            results[mode] = np.concatenate(steps, axis=1)
-            if mode == "shared":
-                assert len(pointers) == 1 and runner._buffers[0].shape[2] == 128
-    real = mask.astype(bool)
-    assert np.abs(results["shared"] - results["concat"])[real].max() <= 1e-5
+    rng = np.random.default_rng(12)
+    seqs = [rng.integers(1, 99, size=70), rng.integers(1, 99, size=57)]
+    prompt = [20, 7]
+    with OnnxRuntimeRunner(out / "model.onnx", initial_capacity=8) as runner:
+        assert runner.shared_kv
+        cache = runner.create_cache(2)
+        assert cache.kind == "slots"
+        got = [[cache.prefill(i, s[:p], all_logits=True)] for i, (s, p) in enumerate(zip(seqs, prompt, strict=True))]
+        cache.join(0)
+        cache.join(1)
+        pointers = set()
+        for t in range(50):
+            logits = cache.decode(np.array([seqs[0][20 + t], seqs[1][7 + t]]))
+            for i in range(2):
+                got[i].append(logits[i:i + 1].copy())
+            if cache.capacity == 128:
+                pointers.add(cache._buffers[0].ctypes.data)
+        assert len(pointers) == 1 and cache._buffers[0].shape[2] == 128
+    for i, s in enumerate(seqs):
+        expected = hf_full_logits(hf, s[None], np.ones((1, len(s)), np.int64))[0]
+        assert np.abs(np.concatenate(got[i]) - expected).max() <= TOL
     portable = exported("portable")
     with pytest.raises(UsageError, match="export with --flavour ort"):
         OnnxRuntimeRunner(portable / "model.onnx", kv_buffer="shared").activate()

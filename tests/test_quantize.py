@@ -76,10 +76,8 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
     assert "logits_to_keep" in [i.name for i in graph.input]  # the rewrites of the LM head keep it
     gen = starlift.load(out)
     ids = np.arange(3, 23)[None]
-    gen.runner.reset(1)
-    full = gen.runner.forward(ids, np.ones_like(ids), np.arange(20)[None])
-    gen.runner.reset(1)
-    last = gen.runner.forward(ids, np.ones_like(ids), np.arange(20)[None], logits_to_keep=2)
+    full = gen.runner.single_batch(1).forward(ids, np.ones_like(ids), np.arange(20)[None])
+    last = gen.runner.single_batch(1).forward(ids, np.ones_like(ids), np.arange(20)[None], logits_to_keep=2)
     assert full.shape[1] == 20 and last.shape[1] == 2
     if kwargs.get("int8_method") == "dynamic":
         # quantize_dynamic scales the head's input per tensor: the rows present set the scale, so

@@ -132,17 +132,20 @@ def test_token_ids_in_ids_out(gen):
 
 
 def test_cached_decode_equals_full_recompute(gen):
+    """The cache generation uses (the engine's: slot pool or concat batch) against one full pass."""
     runner = gen.runner
-    ids = np.asarray([gen.tokenizer.encode(PROMPTS[1] + " pass\n" * 8)], dtype=np.int64)
-    n = ids.shape[1]
+    ids = np.asarray(gen.tokenizer.encode(PROMPTS[1] + " pass\n" * 8), dtype=np.int64)
+    n = len(ids)
     assert n > 20  # longer than the window of 16
-    runner.reset(1)
-    full = runner.forward(ids, np.ones((1, n), np.int64), np.arange(n)[None])
-    runner.reset(1)
-    steps = [runner.forward(ids[:, :5], np.ones((1, 5), np.int64), np.arange(5)[None])]
+    full = runner.single_batch(1).forward(ids[None], np.ones((1, n), np.int64), np.arange(n)[None])[0]
+    cache = runner.create_cache(1)
+    cache.add("seq")
+    steps = [cache.prefill("seq", ids[:5], all_logits=True)]
+    cache.join("seq")
     for t in range(5, n):
-        steps.append(runner.forward(ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]])))
-    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-4
+        steps.append(np.array(cache.decode(ids[t:t + 1])))
+    cache.close()
+    assert np.abs(np.concatenate(steps) - full).max() <= 1e-4
 
 
 def test_context_limit_and_bad_params(gen):

@@ -245,8 +245,8 @@ def test_matches_onnxruntime(portable, tmp_path):
                    TensorRTRunner(portable / "model.onnx", cache_dir=tmp_path, max_batch=2, max_context=32,
                                   max_prefill=8)):
         with runner:
-            runner.reset(2)
-            results.append(np.concatenate([runner.forward(ids[:, a:b], mask[:, :b], pos[:, a:b])
+            single = runner.single_batch(2)
+            results.append(np.concatenate([single.forward(ids[:, a:b], mask[:, :b], pos[:, a:b])
                                            for a, b in chunks], axis=1))
     expected, got = results
     assert got.shape == expected.shape == (2, 17, 99) and got.dtype == np.float32
@@ -257,6 +257,6 @@ def test_matches_onnxruntime(portable, tmp_path):
     with TensorRTRunner(portable / "model.onnx", cache_dir=tmp_path, max_batch=2, max_context=32,
                         max_prefill=8) as again:
         assert again.engine_path == engine
-        again.reset(2)
-        assert np.abs(again.forward(ids[:, :7], mask[:, :7], pos[:, :7]) - expected[:, :7])[real[:, :7]].max() <= 1e-3
+        single = again.single_batch(2)
+        assert np.abs(single.forward(ids[:, :7], mask[:, :7], pos[:, :7]) - expected[:, :7])[real[:, :7]].max() <= 1e-3
     assert engine.stat().st_mtime_ns == built  # loaded from the cache, not rebuilt
