@@ -207,6 +207,7 @@ class SlotPool(KVCache):
         self._free = set(range(max_batch))
         self._bindings: dict = {}
         self._logits = np.empty((max_batch, 1, m.vocab_size), np.float32) if runner._float_logits else None
+        self._ones = np.ones((1, self.capacity), np.int64)
 
     def _allocate(self, capacity: int) -> list[np.ndarray]:
         m = self.runner.meta
@@ -313,7 +314,7 @@ class SlotPool(KVCache):
         if not n:
             raise StarliftError("no sequence has joined the decode batch")
         lens = self._lens[:n]
-        total = int(lens.max()) + 1
+        total = int(lens[0] if n == 1 else lens.max()) + 1
         if total > self.capacity:
             self._grow(total)
         key = ("decode", n)
@@ -325,10 +326,15 @@ class SlotPool(KVCache):
                 io.bind_ortvalue_output("logits", self._bindings[key, "logits"])
         ids = np.asarray(tokens, np.int64).reshape(n, 1)
         # right-padded: row b holds 1 up to its new token at index lens[b] (the graph's seqlens_k)
-        mask = (np.arange(total)[None, :] <= lens[:, None]).astype(np.int64)
+        if n == 1:  # all ones: a view of a row kept for that
+            if self._ones.shape[1] < total:
+                self._ones = np.ones((1, max(total, 2 * self._ones.shape[1])), np.int64)
+            mask = self._ones[:, :total]  # contiguous: one row
+        else:
+            mask = (np.arange(total)[None, :] <= lens[:, None]).astype(np.int64)
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
-        io.bind_cpu_input("position_ids", lens.reshape(n, 1).copy())
+        io.bind_cpu_input("position_ids", lens[:, None])  # read during the run, before lens moves
         if self._logits is None:
             io.bind_output("logits")
         self.runner._timed_run(io)

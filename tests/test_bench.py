@@ -198,6 +198,25 @@ def test_profile_reports_kernels_by_op_and_python_overhead(tmp_path, ckpt):
     assert not list(Path.cwd().glob("starlift-ort-profile*"))  # the trace is removed
 
 
+def test_bench_serve_smoke(tmp_path):
+    """`starlift bench-serve` on a tiny ort artifact: every measurement is present (speed is not tested)."""
+    ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
+    export_checkpoint(ckpt, tmp_path / "ort", flavour="ort", progress=False)
+    exe = Path(sys.executable).with_name("starlift")
+    proc = subprocess.run([str(exe), "bench-serve", str(tmp_path / "ort"), "--concurrency", "3", "--prompt-len", "8",
+                           "--new-tokens", "6", "--reps", "1", "--requests", "5", "--long-prompt", "300",
+                           "--prefill-chunk", "64", "--json", str(tmp_path / "s.json"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads((tmp_path / "s.json").read_text())["results"]
+    assert row["cache"] == "slots"
+    assert row["offline"]["decode_tokens_per_s"] > 0 and row["streams"]["decode_tokens_per_s"] > 0
+    assert row["poisson"]["requests"] == 5 and row["poisson"]["ttft_p99_s"] >= row["poisson"]["ttft_p50_s"] > 0
+    assert [lp["prefill_chunk"] for lp in row["long_prompt"]] == [64, 300]
+    assert all(lp["itl_during_max_s"] > 0 for lp in row["long_prompt"])
+    assert "poisson arrivals" in proc.stdout
+
+
 def test_profile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     exe = Path(sys.executable).with_name("starlift")
     proc = subprocess.run([str(exe), "profile", str(tmp_path)], capture_output=True, text=True, timeout=120)

@@ -101,7 +101,8 @@ def run_decode(engine, batch: int, prompt_len: int, new_tokens: int) -> dict[str
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     handles = [engine.submit(row.tolist(), params) for row in ids]
-    times = [[event.time for event in handle] for handle in handles]  # the others' events queue meanwhile
+    # join, then read the queued events' times: the caller wakes once per request, not per token
+    times = [[event.time for event in handle.join()] for handle in handles]
     for handle in handles:
         if handle.error is not None:
             raise handle.error

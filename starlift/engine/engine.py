@@ -27,6 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,9 +42,8 @@ _ids = itertools.count()
 _live_engines: weakref.WeakSet = weakref.WeakSet()
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of one request.
+class TokenEvent(NamedTuple):
+    """One generated token of one request (a named tuple: cheap to make once per token).
 
     ``text`` is the new final text (UTF-8 safe; held back while it could be the start of a stop
     string; cut at a stop string; may be ""). ``logprob``/``top_logprobs`` come from the model's
@@ -72,12 +72,15 @@ class _Channel:
         self._cond = threading.Condition(threading.Lock())
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self._ended = False
+        self.finished = threading.Event()  # set with the end: join() waits for it alone, one wake-up
 
     def put(self, item) -> None:
         with self._cond:
             self._items.append(item)
             self._cond.notify()
             waiter, self._waiter = self._waiter, None
+        if item is _END:
+            self.finished.set()
         if waiter is not None:
             loop, future = waiter
             try:
@@ -213,11 +216,19 @@ class RequestHandle:
             raise StopAsyncIteration
         return item
 
+    def join(self, timeout: float | None = None) -> RequestHandle:
+        """Block until the request has ended, without consuming its events (they stay queued for
+        a later iteration); one wake-up at the end instead of one per token."""
+        if not self._request.channel.finished.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not end within {timeout} s")
+        return self
+
     def wait(self, timeout: float | None = None) -> RequestHandle:
-        """Consume every remaining event; returns the handle (then read ``text``, ``finish_reason``)."""
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while self._request.channel.get(None if deadline is None else max(0.0, deadline - time.perf_counter())) \
-                is not _END:
+        """Block until the end and drop the events not read yet; returns the handle (then read
+        ``text``, ``token_ids``, ``finish_reason``)."""
+        self.join(timeout)
+        channel = self._request.channel
+        while channel.get(0) is not _END:
             pass
         return self
 
@@ -330,6 +341,7 @@ class Engine:
         self._cancels: deque[_Request] = deque()
         self._queued = 0  # submitted, not yet admitted into a row
         self._active = 0
+        self._room_waiters = 0  # submit(wait=True) callers waiting for room in the queue
         self._closing = False
         self._thread: threading.Thread | None = None
         self._scheduler = Scheduler(max_batch, prefill_chunk)
@@ -428,7 +440,11 @@ class Engine:
                     raise QueueFullError(
                         f"the queue is full ({self._queued} requests wait for {self.max_batch} rows, max_queue "
                         f"{self.max_queue}); retry later", retry_after=self._retry_after())
-                self._cond.wait()
+                self._room_waiters += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._room_waiters -= 1
             self._queued += 1
             self._incoming.append(request)
             self._cond.notify_all()
@@ -494,20 +510,23 @@ class Engine:
                     self._retire(request, "error", e)
                 self._cache.close()
                 self._cache = self.runner.create_cache(self.max_batch)
-            with self._cond:
-                self._active = s.active
-                self._cond.notify_all()  # submitters waiting for room
+            if self._active != s.active or self._room_waiters:
+                with self._cond:
+                    self._active = s.active
+                    self._cond.notify_all()  # submitters waiting for room
 
     def _iteration(self) -> None:
         s, cache = self._scheduler, self._cache
-        start = time.perf_counter()
-        run0 = getattr(self.runner, "run_seconds", 0.0)
+        tracing = self.trace is not None
+        if tracing:
+            start, run0 = time.perf_counter(), getattr(self.runner, "run_seconds", 0.0)
         plan = s.schedule()
-        for request in plan.admitted:
-            cache.add(request)
-        with self._cond:
-            self._queued -= len(plan.admitted)
-            self._active = s.active
+        if plan.admitted:
+            for request in plan.admitted:
+                cache.add(request)
+            with self._cond:
+                self._queued -= len(plan.admitted)
+                self._active = s.active
         finished: list[_Request] = []
         decoded = len(cache.rows)
         if decoded:
@@ -520,7 +539,7 @@ class Engine:
                     self._retire(request, "error", e)
                 rows = []
             if rows:
-                if all(r.sampler.params.greedy and r.top_logprobs is None for r in rows):
+                if all(r.sampler.greedy and r.top_logprobs is None for r in rows):
                     picks = logits.argmax(axis=-1).tolist()  # one call for a greedy batch
                 else:
                     picks = [r.sampler(row) for r, row in zip(rows, logits, strict=True)]
@@ -551,7 +570,7 @@ class Engine:
                     cache.join(request)
         for request in finished:
             self._retire(request, request.finish_reason)
-        if self.trace is not None:
+        if tracing:
             # (start, end, decoded rows, prefill tokens, prefill calls, seconds in the runtime)
             self.trace.append((start, time.perf_counter(), decoded, prefill_tokens, prefill_calls,
                                getattr(self.runner, "run_seconds", 0.0) - run0))

@@ -92,7 +92,7 @@ class Generator:
 
     @staticmethod
     def _result(handle: RequestHandle) -> RequestHandle:
-        handle.wait()
+        handle.join()  # one wake-up at the end, not one per token
         if handle.finish_reason == "error":
             raise handle.error
         return handle

@@ -119,11 +119,12 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.processors = params.processors()
+        self.greedy = not self.processors and params.temperature == 0
         self.history = [list(prompt)] if params.repetition_penalty else None
 
     def __call__(self, logits: np.ndarray) -> int:
         """The next token from one row of raw logits (V,)."""
-        if not self.processors and self.params.temperature == 0:
+        if self.greedy:
             return int(logits.argmax())  # greedy reads the logits as they are: no copy per token
         scores = logits[None].astype(np.float32, copy=True)
         for proc in self.processors:
