@@ -271,9 +271,10 @@ def test_generator_stream_closed_early_frees_its_row(artifacts):
         gen.close()
 
 
-@pytest.mark.parametrize("flavour", ["ort", "portable"])
-def test_submit_cancel_churn_leaves_nothing_held(artifacts, tokenizer, flavour):
-    """1,000 random submit / read / cancel / drop cycles: no row held at the end, RSS flat."""
+@pytest.mark.parametrize("flavour,cycles", [("ort", 1000), ("portable", 400)])
+def test_submit_cancel_churn_leaves_nothing_held(artifacts, tokenizer, flavour, cycles):
+    """1,000 random submit / read / cancel / drop cycles on the slot pool (400 on the concat
+    batch, whose row surgery copies more): no row held at the end, RSS flat."""
     import psutil
 
     proc = psutil.Process()
@@ -281,7 +282,7 @@ def test_submit_cancel_churn_leaves_nothing_held(artifacts, tokenizer, flavour):
     runner = create_runner("onnxruntime", artifacts / flavour).activate()
     with Engine(runner, tokenizer, eos_token_id=0, max_batch=4, max_queue=8) as engine:
         live, rss = [], []
-        for i in range(1000):
+        for i in range(cycles):
             n = rng.choice([1, 3, 20, 70])
             params = SamplingParams(max_new_tokens=rng.choice([1, 4, 16]), temperature=rng.choice([0, 1.0]),
                                     seed=i)
@@ -297,7 +298,7 @@ def test_submit_cancel_churn_leaves_nothing_held(artifacts, tokenizer, flavour):
                 live.pop(rng.randrange(len(live)))  # dropped: collected and cancelled
             elif action < 0.7 or len(live) > 6:
                 live.pop(0).wait()
-            if i in (199, 999):
+            if i in (cycles // 5 - 1, cycles - 1):
                 for h in live:
                     h.wait()
                 live.clear()
@@ -308,10 +309,10 @@ def test_submit_cancel_churn_leaves_nothing_held(artifacts, tokenizer, flavour):
             time.sleep(0.005)
         stats = engine.stats()
         assert stats["active"] == stats["queued"] == 0 and held_slots(engine) == 0
-        assert sum(stats["finished"].values()) == 1000 and stats["finished"]["error"] == 0
-        assert stats["finished"]["cancelled"] > 100
+        assert sum(stats["finished"].values()) == cycles and stats["finished"]["error"] == 0
+        assert stats["finished"]["cancelled"] > cycles // 10
     runner.deactivate()
-    assert rss[1] - rss[0] < 16 * 2**20, f"RSS grew {(rss[1] - rss[0]) / 2**20:.1f} MiB over 800 cycles"
+    assert rss[1] - rss[0] < 16 * 2**20, f"RSS grew {(rss[1] - rss[0]) / 2**20:.1f} MiB after the warm-up"
 
 
 # ---- errors at once; others continue ---------------------------------------------------------------
