@@ -133,8 +133,8 @@ class OnnxRuntimeRunner(Runner):
         return [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays]
 
     def bind_logits_to_keep(self, io, logits_to_keep: int) -> None:
-        """Feed ``logits_to_keep`` when the graph has that input (0, its default, is left unbound).
-        Bound as an OrtValue: IO binding's bind_cpu_input cannot find an input that has an
+        """Feed ``logits_to_keep`` when the graph has that input (older artifacts compute every
+        position; ``Runner.run`` cuts them). Bound as an OrtValue: IO binding's bind_cpu_input cannot find an input that has an
         initializer (its default), bind_ortvalue_input can. One OrtValue per value, kept."""
         if not self._has_keep:
             return
