@@ -211,6 +211,7 @@ def test_bench_serve_smoke(tmp_path):
     (row,) = json.loads((tmp_path / "s.json").read_text())["results"]
     assert row["cache"] == "slots"
     assert row["offline"]["decode_tokens_per_s"] > 0 and row["streams"]["decode_tokens_per_s"] > 0
+    assert row["offline"]["direct_single_decode_tokens_per_s"] > 0 and len(row["offline"]["direct_samples"]) == 1
     assert row["poisson"]["requests"] == 5 and row["poisson"]["ttft_p99_s"] >= row["poisson"]["ttft_p50_s"] > 0
     assert [lp["prefill_chunk"] for lp in row["long_prompt"]] == [64, 300]
     assert all(lp["itl_during_max_s"] > 0 for lp in row["long_prompt"])

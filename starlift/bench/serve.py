@@ -4,6 +4,10 @@ Per artifact, on one runner:
 
 - **offline**: ``starlift bench``'s own measurement (``speed.run_decode``): ``concurrency``
   requests submitted at once by one caller, and one request alone (single-stream decode);
+- **direct**: one sequence decoded greedily by a plain loop over the same runner's cache, with
+  no engine (prefill, then ``cache.decode`` and argmax per token: the path generation took
+  before the engine), alternating with the engine's single stream, so the engine's cost per
+  token is a ratio taken in the same run;
 - **streams**: ``concurrency`` caller threads each submit one request at the same moment and
   read its stream; the aggregate decode throughput counts the tokens made while every stream
   was decoding (the same window as offline), and the end-to-end figure counts every token from
@@ -70,6 +74,24 @@ def streams(engine, concurrency: int, prompt_len: int, new_tokens: int, seed: in
             "mean_latency_s": float(np.mean([t[-1] - s for t, s in zip(times, submitted, strict=True)])),
             "ttft_p50_s": _pct([t[0] - s for t, s in zip(times, submitted, strict=True)], 50),
             "itl_p50_s": _pct(np.concatenate([np.diff(t) for t in times]), 50)}
+
+
+def direct_decode(runner, prompt_len: int, new_tokens: int, seed: int = 0) -> dict[str, float]:
+    """Greedy decode of one sequence without the engine: the cache driven by a plain loop."""
+    from starlift.bench.speed import _prompt
+
+    ids = _prompt(runner.meta.vocab_size, 1, prompt_len, seed=seed)[0]
+    cache = runner.create_cache(1)
+    try:
+        cache.add(0)
+        token = np.array([int(cache.prefill(0, ids).argmax())], np.int64)
+        cache.join(0)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = np.array([int(cache.decode(token)[0].argmax())], np.int64)
+        return {"decode_tokens_per_s": (new_tokens - 1) / (time.perf_counter() - start)}
+    finally:
+        cache.close()
 
 
 def poisson(engine, rate: float, requests: int, prompt_len: int, new_tokens: int, seed: int = 2) -> dict[str, Any]:
@@ -176,16 +198,22 @@ def run(paths: list[str], backend: str = "onnxruntime", concurrency: int = 8, pr
             with Engine(runner, max_batch=concurrency, max_queue=max(64, requests), prefill_chunk=chunk) as engine:
                 row["cache"] = engine.stats()["cache"]
                 run_decode(engine, concurrency, min(prompt_len, 16), 8)  # warm-up
-                offline, single, live = [], [], []
+                direct_decode(runner, min(prompt_len, 16), 8)  # warm-up
+                offline, single, live, direct = [], [], [], []
                 for _ in range(reps):  # alternating: each pair seconds apart
                     offline.append(run_decode(engine, concurrency, prompt_len, new_tokens)["decode_tokens_per_s"])
                     live.append(streams(engine, concurrency, prompt_len, new_tokens))
                     single.append(run_decode(engine, 1, prompt_len, new_tokens)["decode_tokens_per_s"])
+                    direct.append(direct_decode(runner, prompt_len, new_tokens)["decode_tokens_per_s"])
                     bar.update(2)
                 ratios = [s["decode_tokens_per_s"] / o for s, o in zip(live, offline, strict=True)]
                 row["offline"] = {"batch": concurrency, "decode_tokens_per_s": float(np.median(offline)),
                                   "single_stream_decode_tokens_per_s": float(np.median(single)),
-                                  "samples": offline, "single_samples": single}
+                                  "samples": offline, "single_samples": single,
+                                  "direct_single_decode_tokens_per_s": float(np.median(direct)),
+                                  "direct_samples": direct,
+                                  "single_vs_direct_per_round": [a / b for a, b in zip(single, direct, strict=True)]}
+                row["offline"]["single_vs_direct_median"] = float(np.median(row["offline"]["single_vs_direct_per_round"]))
                 row["streams"] = {key: float(np.median([s[key] for s in live])) for key in live[0]}
                 row["streams"].update({"concurrency": concurrency, "samples": live,
                                        "vs_offline_median": float(np.median(ratios)),
@@ -219,13 +247,14 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"bench-serve: prompt {s['prompt_len']}, {s['new_tokens']} new tokens, {c} streams, "
              f"median of {s['reps']}, prefill chunk {s['prefill_chunk']}",
              f"{'artifact':<28} {'cache':<7} {'1 stream':>9} {'offline b' + str(c):>11} {str(c) + ' streams':>11} "
-             f"{'ratio':>6} {'end-to-end':>11}"]
+             f"{'ratio':>6} {'end-to-end':>11} {'direct 1':>9} {'1/direct':>8}"]
     for r in report["results"]:
         o, st = r["offline"], r["streams"]
         lines.append(f"{Path(r['path']).name + ' (' + str(r['precision']) + ')':<28} {r['cache']:<7} "
                      f"{o['single_stream_decode_tokens_per_s']:>9.1f} {o['decode_tokens_per_s']:>11.1f} "
                      f"{st['decode_tokens_per_s']:>11.1f} {st['vs_offline_median']:>5.2f}x "
-                     f"{st['end_to_end_tokens_per_s']:>11.1f}")
+                     f"{st['end_to_end_tokens_per_s']:>11.1f} {o['direct_single_decode_tokens_per_s']:>9.1f} "
+                     f"{o['single_vs_direct_median']:>7.3f}x")
     lines.append("poisson arrivals (tok/s; ms):")
     for r in report["results"]:
         p = r["poisson"]
