@@ -338,6 +338,8 @@ def test_ort_flavour_slot_pool_rows_have_their_own_lengths(exported, hf):
         assert runner.shared_kv
         cache = runner.create_cache(2)
         assert cache.kind == "slots"
+        cache.add(0)
+        cache.add(1)
         got = [[cache.prefill(i, s[:p], all_logits=True)] for i, (s, p) in enumerate(zip(seqs, prompt, strict=True))]
         cache.join(0)
         cache.join(1)
