@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from starlift.runtimes import BACKENDS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="artifact folders")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS), help="the runner under the engine")
     p.add_argument("--concurrency", type=int, default=8, help="streams at once (and the engine's max_batch)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per stream")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens each stream generates")
     p.add_argument("--reps", type=int, default=3, help="alternating rounds of offline batch and streams")
     p.add_argument("--requests", type=int, default=48, help="requests in the Poisson arrival run")
     p.add_argument("--rate", type=float, default=None,
@@ -20,9 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from the streams' mean latency)")
     p.add_argument("--long-prompt", type=int, default=2000, help="tokens of the prompt that arrives while streams run")
     p.add_argument("--prefill-chunk", type=int, default=None, help="the engine's prompt tokens per iteration")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own choice)")
     p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
