@@ -22,14 +22,18 @@ import onnx_ir.passes.common
 import torch
 from torch import nn
 
+from starlift.core import tensor_map
 from starlift.core.artifact import LOGITS_TO_KEEP, past_names, present_names
 from starlift.model import Starcoder2
+from starlift.model.taps import residual_stream
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 
 
 class _FlatDecoder(nn.Module):
-    """The decoder contract as flat tensors: (ids, mask, positions, *past) -> (logits, *present)."""
+    """The decoder contract as flat tensors: (ids, mask, positions, *past) -> (logits, *present),
+    followed by the residual-stream taps, which only name values the graph computes anyway
+    (``trace`` drops them from the outputs again)."""
 
     def __init__(self, model: Starcoder2):
         super().__init__()
@@ -38,8 +42,9 @@ class _FlatDecoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, past_flat):
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.layers)]
-        logits, present = self.m(input_ids, attention_mask, position_ids, past)
-        return (logits, *[t for kv in present for t in kv])
+        with residual_stream(self.m) as taps:
+            logits, present = self.m(input_ids, attention_mask, position_ids, past)
+        return (logits, *[t for kv in present for t in kv], *taps)
 
 
 def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
@@ -53,6 +58,7 @@ def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
     kv = [torch.zeros(batch, c.num_key_value_heads, past, c.head_dim, dtype=dtype)
           for _ in range(2 * c.num_hidden_layers)]
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    taps = [point.tensor for point in tensor_map.points(c.num_hidden_layers)]
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, [{0: b, 2: p} for _ in kv])
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     with warnings.catch_warnings(), torch.no_grad():
@@ -61,9 +67,10 @@ def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
             _FlatDecoder(model), (ids, mask, pos, kv), dynamo=True, optimize=False, verbose=False,
             opset_version=opset, dynamic_shapes=dynamic,
             input_names=[*INPUT_NAMES, *past_names(c.num_hidden_layers)],
-            output_names=["logits", *present_names(c.num_hidden_layers)],
+            output_names=["logits", *present_names(c.num_hidden_layers), *taps],
         )
     graph_model = program.model
+    _drop_taps_from_outputs(graph_model, taps)
     # The exporter keeps a stack trace per node in metadata: most of the graph's bytes.
     ir.passes.common.ClearMetadataAndDocStringPass()(graph_model)
     _strip_wrapper_prefix(graph_model)
@@ -127,6 +134,14 @@ def add_logits_to_keep(model: ir.Model) -> None:
     logits = next(v for v in graph.outputs if v.name == "logits")
     if logits.shape is not None:
         logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("kept"), *logits.shape[2:]])
+
+
+def _drop_taps_from_outputs(model: ir.Model, taps: list[str]) -> None:
+    """The taps stay in the graph as named intermediate values (the map localization reads,
+    ``starlift.core.tensor_map``), not as outputs: the contract's outputs are unchanged."""
+    outputs = model.graph.outputs
+    for value in [v for v in outputs if v.name in taps]:
+        outputs.remove(value)
 
 
 def _strip_wrapper_prefix(model: ir.Model) -> None:
