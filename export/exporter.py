@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from starlift.core import tensor_map, tolerance
 from starlift.core.artifact import LOGITS_TO_KEEP, MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
@@ -98,6 +99,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             if config.head is not None:
                 heads.drop_cache(graph, config.num_hidden_layers)
             graph.producer_name, graph.producer_version = "starlift", _versions()["starlift"]
+            # where the reference's residual stream lives in this graph, after every pass
+            tmap = tensor_map.resolve_ir(graph, config.num_hidden_layers)
             bar.update()
             stage("save")
             ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data")
@@ -123,21 +126,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
                                    else "full rows (no pad_token_id)"})
             else:
                 candidate = validate.onnx_logits(str(tmp / MODEL_FILE), case, NUMPY_KV[dtype])
-                validation = validate.compare(reference, candidate, case.mask, case.prompt_len,
-                                              validate.TOLERANCE[dtype])
+                validation = validate.compare(reference, candidate, case.mask, case.prompt_len, dtype,
+                                              tolerance.Shape.of(config))
                 validation.update({"backend": "onnxruntime", "reference": f"starlift torch model ({dtype})",
                                    "batch": int(case.ids.shape[0]), "prompt_tokens": case.prompt_len,
                                    "decode_steps": case.steps})
                 if not validation["passed"]:
                     raise ParityError(
                         f"the exported graph's logits differ from the reference by {validation['max_abs_error']:.3g} "
-                        f"(tolerance {validation['tolerance']:g} for {dtype}); the artifact was removed. "
+                        f"(tolerance {validation['tolerance']:.3g} for {dtype}); the artifact was removed. "
                         "Report this with the checkpoint's config.json"
                     )
             bar.update()
             stage("package")
             _package(folder, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
-                     validation=validation)
+                     validation=validation, tensor_map=tmap)
             manifest = verify(tmp, stamp=False)
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
@@ -148,7 +151,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
 
 
 def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: str, dtype: str, opset: int,
-             fusions: dict[str, int], validation: dict[str, Any]) -> None:
+             fusions: dict[str, int], validation: dict[str, Any], tensor_map: dict[str, Any]) -> None:
     shutil.copyfile(checkpoint / "config.json", tmp / "config.json")
     tokenizer = checkpoint / "tokenizer.json"
     if tokenizer.is_file():
@@ -197,6 +200,7 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
                                                                *weight_files(checkpoint, allow_pickle=True)]}},
         "versions": _versions(),
         "validation": validation,
+        "tensor_map": tensor_map,
     })
 
 
