@@ -5,7 +5,8 @@ MatMul, RTN / HQQ / GPTQ, and GatherBlockQuantized for the embedding), ``quantiz
 (int8 activations x int8 weights) and the transformers ``float16`` converter. Written here
 only what they lack: untying the LM head so that head and embedding can be quantized
 separately (an int4 head is a known cause of repetition: it stays 8-bit by default), and the
-quality gate against the fp32 artifact.
+quality gate against the fp32 artifact (``starlift.core.tolerance``, the policy ``starlift
+parity`` also applies, measured the same way by ``starlift.evaluation.quality``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from starlift.core import tensor_map, tolerance
 from starlift.core.artifact import MODEL_FILE, past_names, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir
@@ -30,9 +32,6 @@ HEAD_NODE = "/model/lm_head/MatMul"
 # Ops kept in float32 by the fp16 conversion: statistics and softmax overflow in fp16.
 FP16_KEEP = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Cos", "Sin"]
 
-EVAL_TOKENS = 1024
-# Quality gates per mode: (mean KL max, top-1 agreement min) against the fp32 artifact.
-GATES = {"fp16": (1e-3, 0.98), "int8": (0.05, 0.98), "int4": (0.2, 0.93)}
 
 
 def _untie_lm_head(model) -> str | None:
@@ -407,6 +406,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
             bar.update()
             bar.set_description(f"quantize {mode}: save")
             opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), manifest.get("opset"))
+            # where the residual stream lives now (the quantizers keep the names; the map says so)
+            tmap = None if classifier else tensor_map.resolve_onnx(model, config["num_hidden_layers"])
             onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=MODEL_FILE + ".data", size_threshold=1024)
             del model
@@ -419,12 +420,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
             if classifier:
                 quality = measure_head_quality(src, tmp, tokenizer, config, eval_text, mode)
             else:
-                quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text,
+                quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text, mode,
                                           windows=eval_windows)
-                kl_max, top1_min = GATES[mode]
-                quality["gate"] = {"mean_kl_max": kl_max, "top1_min": top1_min}
-                quality["passed"] = bool(quality["mean_kl"] <= kl_max and quality["top1_agreement"] >= top1_min
-                                         and quality["finite"])
             bar.update()
             onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
             src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
@@ -435,6 +432,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                   "ratio_to_fp32": onnx_bytes / src_bytes},
                          "source_artifact": {"path": src.name, "manifest_sha256": _sha(src / "manifest.json")},
                          "quality": quality, "validation": manifest.get("validation")})
+            if tmap is not None:
+                info["tensor_map"] = tmap
             if mode == "fp16" and manifest.get("kv_cache") is not None:  # a classifier has no cache
                 info["kv_cache"] = {**manifest["kv_cache"], "dtype": "fp16"}
             new_manifest = write_manifest(tmp, info)
@@ -445,11 +444,12 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                     f"{mode} quality is below the gate against the fp32 artifact: {failed}; {out} was not written. "
                     "Try --block-size 16, --head-bits 32, or pass --allow-quality-loss to keep it anyway")
             if not quality["passed"] and not allow_quality_loss:
+                failed = "; ".join(f"{name} {c['value']:.3g} (gate {'<=' if c['direction'] == 'max' else '>='} "
+                                   f"{c['tolerance']:.3g})" for name, c in quality["checks"].items() if not c["passed"])
                 raise ParityError(
-                    f"{mode} quality is below the gate against the fp32 artifact: top-1 agreement "
-                    f"{quality['top1_agreement']:.3f} (gate >= {top1_min}), mean KL {quality['mean_kl']:.3g} "
-                    f"(gate <= {kl_max}); {out} was not written. Try a smaller --block-size, --algo hqq/gptq, or "
-                    "pass --allow-quality-loss to keep it anyway")
+                    f"{mode} quality is below the gate against the fp32 artifact: {failed or 'non-finite logits'}; "
+                    f"{out} was not written. Try a smaller --block-size, --algo hqq/gptq, or pass "
+                    "--allow-quality-loss to keep it anyway")
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
             bar.update()
@@ -484,62 +484,23 @@ def _dynamic_int8(model, exclude: list[str]):
         return onnx.load(str(dst))
 
 
-# The default quality text: the parity command's short built-in snippet (about 200 tokens, where
-# one flipped token moves top-1 by 0.005, the width of a gate's margin) followed by standard-library
-# modules every CPython ships as source. These four are also in starcoder2-nano's held-out set, so
-# the bundled model never trained on them.
-EVAL_MODULES = ("base64", "contextlib", "copy", "fileinput")
-
-
-def default_eval_text() -> tuple[str, str]:
-    """(text, description) for the quality measurement when no --eval-text is given."""
-    import importlib.util
-    import platform
-
-    from starlift.evaluation.metrics import BUILTIN_TEXT
-
-    parts, used = [BUILTIN_TEXT], []
-    for name in EVAL_MODULES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin and spec.origin.endswith(".py") and Path(spec.origin).is_file():
-            parts.append(Path(spec.origin).read_text(encoding="utf-8"))
-            used.append(name)
-    if not used:  # a Python without its library's sources
-        return BUILTIN_TEXT, "built-in"
-    return "\n".join(parts), f"built-in + Python {platform.python_version()} stdlib {', '.join(used)}"
-
-
-def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict,
-                    eval_text: str | None, windows: int = 4) -> dict[str, Any]:
-    """Teacher-forced logits of both models over a fixed code text, in windows of at most
-    EVAL_TOKENS (a full-pass attention costs tokens^2 memory), up to ``windows`` of them."""
-    from starlift.evaluation.metrics import make_case, metrics, perplexity
+def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict, eval_text: str | None,
+                    mode: str, windows: int = 4) -> dict[str, Any]:
+    """The candidate against the fp32 artifact on the quality text, judged by the tolerance policy
+    (the same measurement ``starlift parity`` makes against the PyTorch reference)."""
+    from starlift.evaluation import quality
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
-    limit = min(EVAL_TOKENS, config.get("max_position_embeddings", EVAL_TOKENS))
-    described = "given"
-    if tokenizer is None:
-        described = "random token ids (the artifact has no tokenizer.json)"
-    elif eval_text is None:
-        eval_text, described = default_eval_text()
-    case = make_case(tokenizer, config["vocab_size"], eval_text, steps=limit * windows - 1, prompt_len=1)
-    chunks = [np.asarray([case.tokens[i:i + limit]], np.int64) for i in range(0, len(case.tokens), limit)]
-    chunks = [c for c in chunks[:windows] if c.shape[1] > 1]
-    logits: dict[str, list[np.ndarray]] = {}
-    for name, path in (("reference", reference_path), ("candidate", candidate_path)):
-        with OnnxRuntimeRunner(path) as runner:
-            logits[name] = []
-            for ids in chunks:
-                single = runner.single_batch(1)
-                logits[name].append(single.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0])
-    values = metrics(np.concatenate(logits["reference"]), np.concatenate(logits["candidate"]))
-    tokens = [c[0] for c in chunks]
-
-    values.update({"tokens": int(sum(c.shape[1] for c in chunks)), "windows": len(chunks),
-                   "text": described,
-                   "perplexity_fp32": perplexity(logits["reference"], tokens),
-                   "perplexity": perplexity(logits["candidate"], tokens)})
-    values["perplexity_change"] = values["perplexity"] / values["perplexity_fp32"] - 1
+    plan = quality.make_plan(tokenizer, config["vocab_size"], config.get("max_position_embeddings", 1024), eval_text,
+                             windows=windows)
+    with OnnxRuntimeRunner(reference_path) as runner:
+        reference = quality.run_reference(quality.RunnerSource(runner, "fp32 artifact"), plan)
+    with OnnxRuntimeRunner(candidate_path) as runner:
+        values = quality.measure(reference, quality.RunnerSource(runner, mode), plan, mode,
+                                 tolerance.Shape.of(config), against="fp32-artifact")
+    values["perplexity_fp32"] = values["perplexity_reference"]
+    values["gate"] = {name: {"direction": c["direction"], "bound": c["tolerance"]}
+                      for name, c in values["checks"].items()}
     return values
 
 
@@ -549,13 +510,14 @@ def measure_head_quality(reference: Path, candidate: Path, tokenizer, config: di
     largest probability change over windows of code text (every token for a token head), in
     right-padded batches; gated per mode by ``starlift.evaluation.heads.TOLERANCES``."""
     from starlift.evaluation import heads
+    from starlift.evaluation.quality import default_text
     from starlift.runtimes.classifiers import OnnxRuntimeClassifier, batched_logits
 
     described = "given"
     if tokenizer is None:
         described = "random token ids (the artifact has no tokenizer.json)"
     elif eval_text is None:
-        eval_text, described = default_eval_text()
+        eval_text, described = default_text()
     logits = {}
     for name, folder in (("reference", reference), ("candidate", candidate)):
         with OnnxRuntimeClassifier(folder) as runner:

@@ -89,9 +89,9 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
 
 
 def test_gate_failure_removes_output(fp32_artifact, tmp_path, monkeypatch):
-    from starlift.quantize import quantizer
+    from starlift.core import tolerance
 
-    monkeypatch.setitem(quantizer.GATES, "int4", (0.0, 1.01))  # a gate nothing can pass
+    monkeypatch.setitem(tolerance.TOP1_MIN, "int4", 1.01)  # a gate nothing can pass
     with pytest.raises(ParityError, match="below the gate"):
         quantize_artifact(fp32_artifact, tmp_path / "bad", mode="int4", progress=False)
     assert not (tmp_path / "bad").exists()
@@ -137,8 +137,8 @@ def _stdlib_held_out_by_nano() -> bool:
     import hashlib
     import importlib.util
 
+    from starlift.evaluation.quality import EVAL_MODULES
     from starlift.model import resolve_checkpoint
-    from starlift.quantize.quantizer import EVAL_MODULES
 
     record = json.loads((resolve_checkpoint("starcoder2-nano") / "training_record.json").read_text())
     held_out = {e["path"]: e["sha256"] for e in record["data"]["held_out"]}
@@ -154,12 +154,12 @@ def test_default_quality_text_is_thousands_of_tokens_of_real_code(nano_ort, tmp_
     (held out from starcoder2-nano's training): 4 windows of 1024 tokens, not ~200 tokens where
     one flipped prediction moves top-1 by 0.005. The bundled model passes the int4 and int8 gates
     on it, and int8 stores the tied embedding once, at 8 bits, shared with the head."""
-    from starlift.quantize.quantizer import default_eval_text
+    from starlift.evaluation.quality import default_text
 
     if not _stdlib_held_out_by_nano():
         pytest.skip("this Python's base64/contextlib/copy/fileinput are not the Python 3.11 files starcoder2-nano "
                     "held out of its training; the gate's figures are measured on those")
-    text, described = default_eval_text()
+    text, described = default_text()
     assert described.startswith("built-in + Python") and "contextlib" in described
     assert "def contextmanager" in text
     m = quantize_artifact(nano_ort, tmp_path / "q4", mode="int4", progress=False)

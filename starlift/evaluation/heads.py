@@ -92,7 +92,10 @@ def metrics(reference: list[np.ndarray], candidate: list[np.ndarray], problem_ty
 
 def judge(values: dict[str, Any], precision: str) -> dict[str, Any]:
     checks = {}
-    for name, (direction, bound) in TOLERANCES.get(precision, TOLERANCES["fp32"]).items():
+    from starlift.core import tolerance
+
+    tolerance.check_precision(precision)  # an unknown precision is an error, never fp32's bounds
+    for name, (direction, bound) in TOLERANCES[precision].items():
         value = values[name]
         ok = value <= bound if direction == "max" else value >= bound
         checks[name] = {"value": value, "tolerance": bound, "direction": direction, "passed": bool(ok),
