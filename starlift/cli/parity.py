@@ -1,12 +1,14 @@
-"""``starlift parity PATH --reference CHECKPOINT [--backend B ...] [--text FILE] [--steps N] [--json OUT]``.
+"""``starlift parity PATH --reference CHECKPOINT [--backend B ...] [--text FILE] [--localize] [--json OUT]``.
 
-Exit code 0 only when every backend passes every check: pipelines gate releases on it.
+Exit code 0 only when every backend passes every check: pipelines gate releases on it. The
+default text and windows are the quantize gate's, so an artifact that passed its gate passes here.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from starlift.core import tolerance
 from starlift.core.errors import UsageError
 from starlift.runtimes import BACKENDS
 
@@ -16,17 +18,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", required=True, help="the checkpoint the artifact must match")
     p.add_argument("--backend", action="append", default=None, choices=list(BACKENDS),
                    help="backend to check (repeatable; default: onnxruntime)")
-    p.add_argument("--text", default=None, help="a UTF-8 text file to teacher-force (default: built-in code)")
-    p.add_argument("--steps", type=int, default=32, help="teacher-forced decode steps")
+    p.add_argument("--text", default=None,
+                   help="a UTF-8 text file to teacher-force (default: the quantize gate's text, a built-in snippet "
+                        "and four standard-library modules)")
+    p.add_argument("--windows", type=int, default=4, help="windows of up to 1024 tokens read from the text (default 4)")
+    p.add_argument("--steps", type=int, default=32, help="cached decode steps inside the first window (default 32)")
     p.add_argument("--greedy-steps", type=int, default=16, help="greedy tokens compared with the reference's")
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16", "int8", "int4"],
+    p.add_argument("--precision", default=None, choices=list(tolerance.PRECISIONS),
                    help="tolerance set (default: the artifact's precision)")
+    p.add_argument("--localize", action="store_true",
+                   help="per backend, compare the residual stream layer by layer with the reference's and report "
+                        "the first layer and sub-block over tolerance (onnxruntime, openvino)")
+    p.add_argument("--localize-tokens", type=int, default=None,
+                   help="prefill length of the localization probe (default: the sliding window + 16, at least 64)")
+    p.add_argument("--plot", default=None, help="with --localize: write the error curves to this PNG (matplotlib)")
     p.add_argument("--json", default=None, help="write the report as JSON here (default: only the table is printed)")
 
 
 def main(args: argparse.Namespace) -> int:
     from starlift.evaluation import parity
 
+    if args.plot and not args.localize:
+        raise UsageError("--plot draws the localization curves: add --localize")
     text = None
     if args.text:
         try:
@@ -37,8 +50,13 @@ def main(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UsageError(f"cannot read {args.text}: {e.strerror}") from e
     report = parity.run(args.path, args.reference, args.backend or ["onnxruntime"], text=text, steps=args.steps,
-                        greedy_steps=args.greedy_steps, precision=args.precision)
+                        greedy_steps=args.greedy_steps, precision=args.precision, windows=args.windows,
+                        localize=args.localize, localize_tokens=args.localize_tokens)
     print(parity.format_table(report))
+    if args.plot:
+        from starlift.evaluation import localize
+
+        localize.plot_report(report, args.plot)
     if args.json:
         parity.write_json(report, args.json)
     return 0 if report["passed"] else 1
