@@ -101,6 +101,9 @@ class _Marked:
         values = {v.name: v for node in model.graph for v in node.outputs}
         have = {v.name for v in model.graph.outputs}
         for name in self.names:
+            if name not in values:
+                raise StarliftError(f"{model_path}'s manifest maps {name!r}, which no node of its graph produces: the "
+                                    "manifest does not belong to this graph (re-export the artifact)")
             if name not in have:
                 model.graph.outputs.append(values[name])
         opts = ort.SessionOptions()
@@ -110,7 +113,6 @@ class _Marked:
                                       str(model_path.parent))
         self.session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts,
                                             providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
         kv = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kv.type)
         if self.kv_dtype is None:
@@ -234,10 +236,11 @@ def format_curve(result: dict[str, Any]) -> str:
     pre, dec = result["curve"]["prefill"], result["curve"]["decode"]
     lines = [f"localization on {result['backend']} ({result['precision']}, {result['probe_tokens']} prefill tokens + "
              "1 decode step on the reference's cache)",
-             f"{'layer':>5} {'block':<10} {'prefill max|err|':>16} {'rel':>9} {'tol':>9}   "
+             f"{'layer':>5} {'block':<11} {'prefill max|err|':>16} {'rel':>9} {'tol':>9}   "
              f"{'decode max|err|':>15} {'rel':>9} {'tol':>9}"]
     for a, b in zip(pre, dec, strict=True):
-        lines.append(f"{a['layer']:>5} {a['block']:<10} {a['max_abs_error']:>16.3e} {a['relative_error']:>9.2e} "
+        block = a["block"] if a["block"] != "head" else f"head/{_short_label(a)}"
+        lines.append(f"{a['layer']:>5} {block:<11} {a['max_abs_error']:>16.3e} {a['relative_error']:>9.2e} "
                      f"{a['tolerance']:>9.2e}{' *' if a['over'] else '  '} {b['max_abs_error']:>15.3e} "
                      f"{b['relative_error']:>9.2e} {b['tolerance']:>9.2e}{' *' if b['over'] else ''}")
     first = result["first_divergence"]
@@ -249,6 +252,14 @@ def format_curve(result: dict[str, Any]) -> str:
         lines.append(f"first divergence: {where} at {first['phase']} (max |err| {first['max_abs_error']:.3g}, "
                      f"tolerance {first['tolerance']:.3g}; tensor {first['tensor']})")
     return "\n".join(lines)
+
+
+def _short_label(row: dict) -> str:
+    if row["block"] == "embedding":
+        return "emb"
+    if row["block"] == "head":
+        return "logits" if row["tensor"] == "logits" else "norm"
+    return f"{row['layer']}.{'attn' if row['block'] == 'attention' else 'mlp'}"
 
 
 def plot_report(report: dict[str, Any], out: str | Path) -> None:
@@ -272,8 +283,7 @@ def plot_report(report: dict[str, Any], out: str | Path) -> None:
         rows = result["curve"]["prefill"]
         ax.semilogy(range(len(rows)), [r["tolerance"] / r["scale"] if r["scale"] else r["tolerance"] for r in rows],
                     "k:", label="tolerance")
-        labels = ["emb" if r["block"] == "embedding" else ("logits" if r["tensor"] == "logits" else "norm")
-                  if r["block"] in ("embedding", "head") else f"{r['layer']}.{'attn' if r['block'] == 'attention' else 'mlp'}" for r in rows]
+        labels = [_short_label(r) for r in rows]
         ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
         ax.set_ylabel("max |error| / max |reference|")
         first = result["first_divergence"]
