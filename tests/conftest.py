@@ -100,3 +100,17 @@ def ggml_vectors() -> list[tuple[str, list[int]]]:
 def tgi_snapshots() -> list[dict]:
     folder = SHARED_TOKENIZER / "tgi"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """A 4-layer tiny checkpoint (window 16) and its fp32 artifacts in both flavours, exported
+    once for the parity and localization tests."""
+    from starlift.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny4")
+    ckpt = write_hf_checkpoint(root / "ckpt", seed=4, num_hidden_layers=4, initializer_range=0.3)
+    arts = {flavour: root / flavour for flavour in ("portable", "ort")}
+    for flavour, path in arts.items():
+        export_checkpoint(ckpt, path, flavour=flavour, progress=False)
+    return ckpt, arts

@@ -23,22 +23,18 @@ from onnx import numpy_helper
 from starlift.core import tensor_map, tolerance
 from starlift.core.artifact import read_manifest, verify, write_manifest
 from starlift.evaluation import localize
-from starlift.export import export_checkpoint
 from starlift.model import load_checkpoint
-from tests.conftest import write_hf_checkpoint
 
 LAYERS = 4
 HEADS, HEAD_DIM = 4, 8  # the tiny shape: hidden 32, 4 heads
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_exports, tmp_path_factory):
     root = tmp_path_factory.mktemp("localize")
-    ckpt = write_hf_checkpoint(root / "ckpt", seed=7, num_hidden_layers=LAYERS, initializer_range=0.1)
-    arts = {flavour: root / flavour for flavour in ("portable", "ort")}
-    for flavour, path in arts.items():
-        export_checkpoint(ckpt, path, flavour=flavour, progress=False)
+    ckpt, arts = tiny_exports
     model = load_checkpoint(ckpt, dtype="fp32")
+    assert model.config.num_hidden_layers == LAYERS
     ids = np.random.default_rng(3).integers(1, model.config.vocab_size, size=200).tolist()
     probe = localize.make_probe(ids, localize.default_probe_length(model.config, len(ids)))
     assert probe.ids.shape[1] > model.config.sliding_window  # a window bug shows only past the window

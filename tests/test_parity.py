@@ -11,22 +11,18 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from starlift.export import export_checkpoint
-from tests.conftest import write_hf_checkpoint
-
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_exports, tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
-    ckpt = write_hf_checkpoint(root / "ckpt", seed=4, initializer_range=0.3)
-    export_checkpoint(ckpt, root / "art", progress=False)
+    ckpt, arts = tiny_exports
     perturbed = root / "perturbed"
     shutil.copytree(ckpt, perturbed)
     tensors = load_file(perturbed / "model.safetensors")
     w = tensors["model.layers.1.mlp.c_fc.weight"]
     tensors["model.layers.1.mlp.c_fc.weight"] = w * 1.02  # a 2% change in one matrix
     save_file(tensors, perturbed / "model.safetensors", metadata={"format": "pt"})
-    return root, ckpt, perturbed
+    return arts["portable"], ckpt, perturbed
 
 
 def cli(*args):
@@ -38,8 +34,8 @@ def cli(*args):
 def test_parity_passes_on_faithful_artifact(setup, tmp_path, backend):
     if backend == "openvino":
         pytest.importorskip("openvino", reason="the openvino backend needs starlift[openvino]")
-    root, ckpt, _ = setup
-    proc = cli("parity", root / "art", "--reference", ckpt, "--backend", backend, "--steps", "40",
+    art, ckpt, _ = setup
+    proc = cli("parity", art, "--reference", ckpt, "--backend", backend, "--steps", "40",
                "--json", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -52,8 +48,8 @@ def test_parity_passes_on_faithful_artifact(setup, tmp_path, backend):
 
 
 def test_parity_fails_against_a_different_model(setup, tmp_path):
-    root, _, perturbed = setup
-    proc = cli("parity", root / "art", "--reference", perturbed, "--json", tmp_path / "r.json")
+    art, _, perturbed = setup
+    proc = cli("parity", art, "--reference", perturbed, "--json", tmp_path / "r.json")
     assert proc.returncode == 1
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["backends"]["onnxruntime"]["passed"] is False
@@ -69,8 +65,8 @@ def test_torch_runner_on_checkpoint_passes(setup):
 
 
 def test_parity_bad_text_file(setup, tmp_path):
-    root, ckpt, _ = setup
+    art, ckpt, _ = setup
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"def f():\n\xff\xfe")
-    proc = cli("parity", root / "art", "--reference", ckpt, "--text", bad)
+    proc = cli("parity", art, "--reference", ckpt, "--text", bad)
     assert proc.returncode == 2 and "not valid UTF-8" in proc.stderr

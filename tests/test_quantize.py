@@ -212,25 +212,20 @@ def test_repeated_casts_of_old_fp16_converters_are_merged():
     assert a.tolist() == [0.0, 2.0] and b.tolist() == [1.5, -2.0]
 
 
-def test_an_artifact_that_passed_its_gate_passes_parity(nano_int4, tmp_path):
+def test_an_artifact_that_passed_its_gate_passes_parity(nano_int4):
     """The README's own command, right after `starlift quantize --mode int4` passed its gate, used to
     fail (top-1 0.896 on ~48 positions of another text against a 0.9 bound). Now parity reads the
     gate's text and windows and widens the gate's bounds only by the fp32 artifact's own tolerance."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from starlift.core import tolerance
+    from starlift.evaluation import parity
     from starlift.model import load_checkpoint
 
     out, manifest = nano_int4
     q = manifest["quality"]
     assert q["passed"]
-    exe = Path(sys.executable).with_name("starlift")
-    proc = subprocess.run([str(exe), "parity", str(out), "--reference", "starcoder2-nano", "--backend", "onnxruntime",
-                           "--json", str(tmp_path / "parity.json")], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((tmp_path / "parity.json").read_text())
+    # `starlift parity OUT --reference starcoder2-nano --backend onnxruntime`: its defaults, in process
+    report = parity.run(out, "starcoder2-nano", ["onnxruntime"])
+    assert report["passed"], parity.format_table(report)
     b = report["backends"]["onnxruntime"]
     assert (report["tokens"], report["windows"], report["text"]) == (q["tokens"], q["windows"], q["text"])
     assert b["passed"] and b["cache_consistency"] == q["cache_consistency"]  # the same candidate logits
