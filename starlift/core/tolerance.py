@@ -7,7 +7,9 @@ table of its own. The rule (docs/reference/tolerances.md explains it with the me
 1. Every precision has a relative rounding error ``eps``: ``2**-p`` for a float format with a
    ``p``-bit significand (fp32 24, fp16 11, bf16 8), and ``1 / (2**b - 1)`` for a ``b``-bit
    block-quantized weight (int8, int4): half a step of the grid, relative to the block's
-   largest weight. Every CPU kernel accumulates in float32, whose rounding over a dot product
+   largest weight. ``starlift quantize``'s default compute (MatMulNBits accuracy level 4) also
+   rounds each block of activations to an 8-bit grid, and the relative errors of a product's
+   factors add: a quantized precision's ``eps`` is its weight grid's plus ``1 / 255``. Every CPU kernel accumulates in float32, whose rounding over a dot product
    of length ``n`` grows like ``sqrt(n) * 2**-24`` (Higham & Mary's probabilistic bound), with
    ``n`` the model's longest dot product (hidden or intermediate size)::
 
@@ -49,13 +51,15 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 UNIT_ROUNDOFF_FP32 = 2.0 ** -24
+# MatMulNBits at accuracy level 4 (int8 compute, the quantize default) rounds activation blocks to 8 bits
+ACTIVATION_EPS_INT8 = 1.0 / (2 ** 8 - 1)
 # relative rounding error of each precision (rule 1)
 EPS = {
     "fp32": 2.0 ** -24,
     "fp16": 2.0 ** -11,
     "bf16": 2.0 ** -8,
-    "int8": 1.0 / (2 ** 8 - 1),
-    "int4": 1.0 / (2 ** 4 - 1),
+    "int8": 1.0 / (2 ** 8 - 1) + ACTIVATION_EPS_INT8,
+    "int4": 1.0 / (2 ** 4 - 1) + ACTIVATION_EPS_INT8,
 }
 PRECISIONS = tuple(EPS)
 FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
