@@ -181,6 +181,10 @@ def test_the_tensor_map_is_recorded_at_export_for_both_flavours(setup):
             assert {e["output_index"] for e in entries if e["block"] in ("attention", "mlp")} == {3}
         graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
         assert [o.name for o in graph.output][0] == "logits" and len(graph.output) == 1 + 2 * LAYERS  # contract only
+        # the final norm's tap is the full sequence; logits_to_keep slices after it, before the LM head
+        assert "logits_to_keep" in [i.name for i in graph.input]
+        norm = next(e["tensor"] for e in entries if e["block"] == "head" and e["tensor"] != "logits")
+        assert [n.op_type for n in graph.node if norm in n.input] == ["Slice"]
 
 
 @pytest.mark.parametrize("flavour", ["portable", "ort"])
@@ -223,9 +227,11 @@ def test_a_planted_fault_is_localized_to_its_layer_and_block(setup, tmp_path, fl
 def test_openvino_localizes_and_passes_faithful(setup, tmp_path):
     pytest.importorskip("openvino", reason="openvino is a test extra")
     _, _, arts, *_ = setup
-    assert run(setup, arts["portable"], "openvino")["first_divergence"] is None
-    for plant, block, layer in [(FAULTS[0][0], "mlp", 1), (drop_window, "attention", 2)]:
-        faulty = plant(arts["portable"], tmp_path / f"faulty{layer}", layer)
+    for flavour in ("portable", "ort"):  # OpenVINO reads the ort flavour's fused ops too
+        assert run(setup, arts[flavour], "openvino")["first_divergence"] is None
+    for flavour, plant, block, layer in [("portable", FAULTS[0][0], "mlp", 1), ("portable", drop_window, "attention", 2),
+                                         ("ort", swap_query_heads, "attention", 3)]:
+        faulty = plant(arts[flavour], tmp_path / f"faulty-{flavour}{layer}", layer)
         first = run(setup, faulty, "openvino")["first_divergence"]
         assert first is not None and (first["layer"], first["block"]) == (layer, block)
 

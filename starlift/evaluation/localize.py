@@ -34,6 +34,7 @@ import numpy as np
 
 from starlift.core import tolerance
 from starlift.core.errors import StarliftError, UsageError
+from starlift.core.extras import require
 
 LOCALIZE_BACKENDS = ("onnxruntime", "openvino")
 
@@ -94,6 +95,7 @@ class _Marked:
             raise UsageError(f"localization runs on {', '.join(LOCALIZE_BACKENDS)}, not {backend!r}")
 
     def _ort(self, model_path: Path) -> None:
+        require("onnx_ir", purpose="localization on onnxruntime (marking tensors on a copy of the graph)")
         import onnx_ir as ir
         import onnxruntime as ort
 
@@ -119,10 +121,9 @@ class _Marked:
             raise UsageError(f"{model_path}: localization on onnxruntime supports fp32/fp16 KV caches, not {kv.type}")
 
     def _openvino(self, model_path: Path) -> None:
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise StarliftError("the openvino backend needs the openvino package: pip install 'starlift[openvino]'") from e
+        require("openvino", purpose="localization on openvino")
+        import openvino as ov
+
         core = ov.Core()
         model = core.read_model(str(model_path))
         model.add_outputs([n for n in self.names if n != "logits"])
@@ -130,7 +131,7 @@ class _Marked:
             self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         except RuntimeError as e:
             raise StarliftError(f"OpenVINO cannot compile {model_path} ({str(e).strip().splitlines()[0]}); "
-                                "it runs the portable flavour") from e
+                                "localize it on onnxruntime") from e
         self.request = self.compiled.create_infer_request()
         kv = next(p for p in model.inputs if p.get_any_name().startswith("past_key_values."))
         self.kv_dtype = {"f32": np.float32, "f16": np.float16}.get(kv.get_element_type().get_type_name())
@@ -265,13 +266,12 @@ def _short_label(row: dict) -> str:
 def plot_report(report: dict[str, Any], out: str | Path) -> None:
     """Relative error by point (prefill and decode) against each point's bound, one panel per
     localized backend (needs matplotlib)."""
-    try:
-        import matplotlib
+    require("matplotlib", purpose="--plot")
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     results = [v["localization"] for v in report["backends"].values() if "curve" in v.get("localization", {})]
     if not results:
         raise UsageError("no backend was localized, nothing to plot (localization runs on onnxruntime and openvino)")
