@@ -12,10 +12,11 @@ the same way, so their verdicts agree (``starlift.core.tolerance``, rule 5):
   step must compute what a full recompute computes).
 
 Where the logits come from is a ``LogitSource``: a runner of any backend (``RunnerSource``),
-the reference model, or later a deployed endpoint. An HTTP source (issue 14's ``starlift serve``)
-implements the same two methods with ``/v1/completions`` (``echo`` + ``logprobs``, teacher
-forced over the prompt) and ``kind = "logprobs"``; the measurement compares log-probabilities
-then (see ``metrics.compare_logits``).
+the reference model, or later a deployed endpoint. ``kind = "logprobs"`` marks a source of
+full log-probability rows, compared with the reference's log-softmax (``metrics.compare_logits``).
+An HTTP source for issue 14's ``starlift serve`` is not built: the server returns the top-k
+log-probabilities of the next token (token-id prompts, ``max_tokens`` 1), which needs a comparison
+restricted to the returned ids (docs/guide/parity.md, "A deployed endpoint").
 """
 
 from __future__ import annotations
