@@ -156,16 +156,20 @@ class RunnerSource:
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         x = np.asarray([ids], np.int64)
-        self.runner.reset(1)
-        return self.runner.forward(x, np.ones_like(x), np.arange(len(ids))[None])[0]
+        return self.runner.single_batch(1).forward(x, np.ones_like(x), np.arange(len(ids))[None])[0]
 
     def decode(self, ids: list[int], prompt: int) -> np.ndarray:
-        x = np.asarray([ids], np.int64)
-        self.runner.reset(1)
-        self.runner.forward(x[:, :prompt], np.ones((1, prompt), np.int64), np.arange(prompt)[None])
-        rows = []
-        for t in range(prompt, len(ids)):
-            rows.append(self.runner.forward(x[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]))[0])
+        """A prefill of ``prompt`` tokens, then one token per step through the KV cache generation
+        uses (the engine's ``runner.create_cache``); the logits of the decoded positions."""
+        x = np.asarray(ids, np.int64)
+        cache = self.runner.create_cache(1)
+        try:
+            cache.add(0)
+            cache.prefill(0, x[:prompt])
+            cache.join(0)
+            rows = [np.array(cache.decode(x[t:t + 1])) for t in range(prompt, len(ids))]  # copies: the buffer is reused
+        finally:
+            cache.close()
         return np.concatenate(rows, axis=0)
 
 
