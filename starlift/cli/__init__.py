@@ -32,6 +32,9 @@ COMMANDS = {
     "bench-serve": ("starlift.cli.bench_serve", "the engine under many callers: streams vs offline batch, Poisson "
                                                 "arrivals (TTFT, inter-token), a long prompt arriving"),
     "profile": ("starlift.cli.profile", "where a decode step's time goes: ORT kernels by op, framework, Python"),
+    "serve": ("starlift.cli.serve", "an OpenAI-compatible HTTP server on the engine (starlift[serve])"),
+    "loadtest": ("starlift.cli.loadtest", "many streaming clients against an OpenAI-compatible server: throughput, "
+                                          "TTFT, inter-token latency, 5xx, leaked slots, server RSS"),
     "soak": ("starlift.cli.soak", "thousands of generations in one process, RSS sampled (leak check)"),
     "demo": ("starlift.cli.demo", "the main job end to end on the embedded default model"),
 }
