@@ -122,7 +122,8 @@ async def _one(client, url: str, body: dict, headers: dict, cut: int | None, tim
 
 async def _run(url: str, concurrency: int, requests: int, disconnect_rate: float, prompt_tokens: int,
                max_tokens: int, model: str | None, api_key: str | None, seed: int, timeout: float,
-               vocab: tuple[int, int], temperature: float) -> tuple[list[Result], float, float, str | None]:
+               vocab: tuple[int, int], temperature: float,
+               warmup: int) -> tuple[list[Result], float, float, str | None]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -134,6 +135,13 @@ async def _run(url: str, concurrency: int, requests: int, disconnect_rate: float
                 model = resp.json()["data"][0]["id"] if resp.status_code == 200 else None
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                 raise StarliftError(f"cannot reach {url}/v1/models ({e}); is the server running?") from None
+        if warmup:  # unmeasured requests first (the server's first calls allocate and tune)
+            wrng = np.random.default_rng(seed + 10**6)
+            await asyncio.gather(*(_one(client, f"{url}/v1/completions",
+                                        {"prompt": wrng.integers(vocab[0], vocab[1], size=prompt_tokens).tolist(),
+                                         "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+                                         "ignore_eos": True, **({"model": model} if model else {})},
+                                        headers, None, timeout) for _ in range(warmup)))
         rng = np.random.default_rng(seed)
         plans = []
         for _ in range(requests):
@@ -183,7 +191,7 @@ async def _settle(url: str, api_key: str | None, within: float) -> dict[str, Any
 
 def run_loadtest(url: str, *, concurrency: int = 16, requests: int = 2000, disconnect_rate: float = 0.1,
                  prompt_tokens: int = 64, max_tokens: int = 64, model: str | None = None, api_key: str | None = None,
-                 seed: int = 0, timeout: float = 300.0, server_pid: int | None = None, warmup: int | None = None,
+                 seed: int = 0, timeout: float = 300.0, server_pid: int | None = None, warmup: int = 0,
                  vocab: tuple[int, int] = (100, 8000), temperature: float = 0.0,
                  rss_tolerance_mib: float = 32.0) -> dict[str, Any]:
     if concurrency < 1 or requests < 1 or prompt_tokens < 1 or max_tokens < 1:
@@ -198,7 +206,8 @@ def run_loadtest(url: str, *, concurrency: int = 16, requests: int = 2000, disco
         sampler.start()
     try:
         results, start, end, model = asyncio.run(_run(url, concurrency, requests, disconnect_rate, prompt_tokens,
-                                                      max_tokens, model, api_key, seed, timeout, vocab, temperature))
+                                                      max_tokens, model, api_key, seed, timeout, vocab, temperature,
+                                                      warmup))
         settled = asyncio.run(_settle(url, api_key, within=15.0))
     finally:
         if sampler is not None:
@@ -216,6 +225,7 @@ def run_loadtest(url: str, *, concurrency: int = 16, requests: int = 2000, disco
     out: dict[str, Any] = {
         "url": url, "model": model, "concurrency": concurrency, "requests": len(results),
         "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "disconnect_rate": disconnect_rate,
+        "warmup_requests": warmup,
         "seconds": end - start, "tokens": tokens, "throughput_tokens_per_s": tokens / (end - start),
         "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "itl_p50_s": _pct(itl, 50),
         "itl_p99_s": _pct(itl, 99), "statuses": statuses,
@@ -229,7 +239,7 @@ def run_loadtest(url: str, *, concurrency: int = 16, requests: int = 2000, disco
         "leaked_slots": int(settled["active"] + settled["queued"]) if settled["checked"] else None,
     }
     if sampler is not None and sampler.samples:
-        n_warm = warmup if warmup is not None else max(1, len(results) // 10)
+        n_warm = max(1, len(results) // 10)
         sends = sorted(r.sent for r in results)
         t_warm = sends[min(n_warm, len(sends) - 1)]
         after = [rss for t, rss in sampler.samples if t >= t_warm] or [sampler.samples[-1][1]]

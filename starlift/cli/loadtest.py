@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("STARLIFT_API_KEY"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first, all at once")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--server-pid", type=int, default=None, help="sample this process's RSS (Linux /proc)")
     p.add_argument("--rss-tolerance-mib", type=float, default=32.0,
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         r = run_loadtest(args.url, concurrency=c, requests=args.requests, disconnect_rate=args.disconnect_rate,
                          prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, model=args.model,
                          api_key=args.api_key, seed=args.seed, timeout=args.timeout, server_pid=args.server_pid,
-                         vocab=(low, high), temperature=args.temperature, rss_tolerance_mib=args.rss_tolerance_mib)
+                         vocab=(low, high), temperature=args.temperature, warmup=args.warmup, rss_tolerance_mib=args.rss_tolerance_mib)
         r["label"] = args.label
         results.append(r)
         print(format_table([r]), flush=True)
