@@ -205,6 +205,7 @@ class Server:
         try:
             for ids, params, options in jobs:
                 handles.append(self.engine.submit(ids, params, **options))
+                self.metrics.prompt_tokens.inc(len(ids))
         except QueueFullError as e:
             for h in handles:
                 h.cancel()
@@ -221,6 +222,7 @@ class Server:
         return handles
 
     def observe(self, handle: RequestHandle, event, last: float | None) -> float:
+        self.metrics.generation_tokens.inc()  # as they come: a cancelled request's tokens count too
         if last is None:
             self.metrics.ttft.observe(event.time - handle.submitted_time)
         else:
@@ -243,7 +245,6 @@ class Server:
             last = self.observe(handle, event, last)
             if logprobs:
                 events.append(event)
-        self.metrics.finished(handle)
         return events
 
     async def merged(self, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Any]]:
@@ -253,7 +254,6 @@ class Server:
             async for event in handle:
                 last = self.observe(handle, event, last)
                 yield 0, event
-            self.metrics.finished(handle)
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -263,7 +263,6 @@ class Server:
                 async for event in handle:
                     last = self.observe(handle, event, last)
                     queue.put_nowait((i, event))
-                self.metrics.finished(handle)
             finally:
                 queue.put_nowait((i, None))
 

@@ -47,8 +47,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("starlift_http_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=r)
-        self.prompt_tokens = Counter("starlift_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("starlift_generation_tokens", "Tokens generated (finished requests)",
+        self.prompt_tokens = Counter("starlift_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("starlift_generation_tokens", "Tokens generated and handed to a client",
                                          registry=r)
         self.ttft = Histogram("starlift_time_to_first_token_seconds", "From submit to the first token",
                               buckets=TTFT_BUCKETS, registry=r)
@@ -58,8 +58,3 @@ class Metrics:
                                    registry=r)
         if engine is not None:
             r.register(EngineCollector(engine))
-
-    def finished(self, handle) -> None:
-        """Count a request's tokens once it has ended."""
-        self.prompt_tokens.inc(handle.prompt_tokens)
-        self.generation_tokens.inc(handle.completion_tokens)
