@@ -370,3 +370,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(keyed_server):
     chunks = [json.loads(x[6:]) for x in [first, *rest[:-1]]]
     assert chunks[-1]["usage"]["completion_tokens"] == n
     assert keyed_server.proc.wait(30) == 0
+
+
+# ---- start-up refusals -------------------------------------------------------------------------------
+def test_bad_options_and_a_tampered_artifact_are_refused_before_serving(nano_ort, tmp_path):
+    proc = subprocess.run([str(EXE), "serve", str(nano_ort), "--max-concurrency", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--max-concurrency must be >= 1" in proc.stderr
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(nano_ort, tampered)
+    config = tampered / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 6', '"num_hidden_layers": 5'))
+    proc = subprocess.run([str(EXE), "serve", str(tampered), "--port", "0"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "config.json" in proc.stderr and "ready on" not in proc.stdout
