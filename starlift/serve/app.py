@@ -420,8 +420,9 @@ def create_app(generator, *, model_name: str = "starlift", api_key: str | None =
                     raise ApiError(400, "'suffix' needs a text prompt (fill in the middle is built from text)",
                                    "suffix")
                 ids, fim = prompt, False
+            max_tokens = body.max_tokens or max(1, server.engine.context - len(ids))  # null: as many as fit
             for j in range(body.n):
-                params = server.params(max_new_tokens=body.max_tokens, temperature=body.temperature,
+                params = server.params(max_new_tokens=max_tokens, temperature=body.temperature,
                                        top_p=body.top_p, top_k=body.top_k,
                                        repetition_penalty=body.repetition_penalty,
                                        seed=None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos)
