@@ -250,6 +250,7 @@ def test_models_health_metrics(server, client):
     ({"prompt": "x", "logprobs": 99}, "logprobs"),
     ({"prompt": "x", "max_tokens": 5000}, "prompt"),  # does not fit the context of 1,024
     ({"prompt": [1, 2, 10**6]}, "prompt"),  # id outside the vocabulary
+    ({"prompt": [1, True]}, "prompt"),  # true is not token 1
     ({"max_tokens": 4}, "prompt"),
     ({"prompt": "x", "stop": 3}, "stop"),
 ])
@@ -264,6 +265,9 @@ def test_malformed_json_and_chat_without_template(server, client):
     r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "x",', timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert "chat template" in e.value.message and e.value.code == "no_chat_template"
