@@ -326,6 +326,25 @@ def test_non_streaming_disconnect_frees_the_row(server):
     assert metric(server.url, "starlift_engine_requests_finished_total", '{reason="cancelled"}') == cancelled0 + 1
 
 
+def test_loadtest_command_with_disconnects(server, tmp_path):
+    """`starlift loadtest` against the server: clients that leave mid-stream or while queued
+    leave no row held and no 5xx; its JSON says so."""
+    wait_idle(server.url)
+    out = tmp_path / "load.json"
+    proc = subprocess.run([str(EXE), "loadtest", server.url, "--concurrency", "3", "--requests", "24",
+                           "--disconnect-rate", "0.5", "--prompt-tokens", "8", "--max-tokens", "12",
+                           "--server-pid", str(server.proc.pid), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["requests"] == 24 and r["server_errors_5xx"] == 0 and r["leaked_slots"] == 0
+    # a client that leaves and sends its next request at once may find its old row not yet freed: 429
+    assert set(r["statuses"]) <= {"200", "429"} and r["statuses"]["200"] >= 12
+    assert r["passed"] and r["disconnected"] >= 5 and r["short"] == 0 and r["failed"] == 0
+    assert r["throughput_tokens_per_s"] > 0 and r["ttft_p50_s"] <= r["ttft_p99_s"]
+    assert "tok/s" in proc.stdout and "PASS" in proc.stdout
+
+
 # ---- the key, chat, and SIGTERM (on the second server) ---------------------------------------------
 def test_api_key(keyed_server, gen):
     url = keyed_server.url
