@@ -33,15 +33,6 @@ TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor
 READY = re.compile(r"ready on (http://\S+)")
 
 
-@pytest.fixture(scope="session")
-def nano_ort(tmp_path_factory) -> Path:
-    from starlift.export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("nano") / "ort"
-    export_checkpoint("starcoder2-nano", out, flavour="ort", progress=False)
-    return out
-
-
 class ServerProcess:
     """``starlift serve ... --port 0`` in a subprocess; ``url`` once its ready line is printed."""
 
@@ -93,12 +84,30 @@ def server(nano_ort, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def keyed_server(nano_ort, tmp_path_factory):
-    """An API key and a chat template; the SIGTERM test ends it."""
+def signing(nano_ort, tmp_path_factory):
+    """A signed copy of the nano, its signer's public key, and another key."""
+    pytest.importorskip("cryptography", reason="signatures need the cryptography package (the sign extra)")
+    import shutil
+
+    from starlift.core.signing import generate_keypair, sign_artifact
+
+    root = tmp_path_factory.mktemp("serve-signed")
+    generate_keypair(root / "build.key")
+    generate_keypair(root / "other.key")
+    shutil.copytree(nano_ort, root / "signed")
+    sign_artifact(root / "signed", root / "build.key")
+    return {"artifact": root / "signed", "pub": root / "build.key.pub", "other": root / "other.key.pub"}
+
+
+@pytest.fixture(scope="module")
+def keyed_server(signing, tmp_path_factory):
+    """A signed artifact served with --public-key, an API key and a chat template; the SIGTERM test
+    ends it."""
     root = tmp_path_factory.mktemp("serve-keyed")
     (root / "chat.jinja").write_text(TEMPLATE)
-    s = ServerProcess(nano_ort, "--served-model-name", MODEL, "--api-key", KEY, "--chat-template",
-                      str(root / "chat.jinja"), "--grace-period", "60", log=root / "server.log")
+    s = ServerProcess(signing["artifact"], "--public-key", str(signing["pub"]), "--served-model-name", MODEL,
+                      "--api-key", KEY, "--chat-template", str(root / "chat.jinja"), "--grace-period", "60",
+                      log=root / "server.log")
     yield s
     s.stop()
 
@@ -409,3 +418,44 @@ def test_bad_options_and_a_tampered_artifact_are_refused_before_serving(nano_ort
     proc = subprocess.run([str(EXE), "serve", str(tampered), "--port", "0"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and "config.json" in proc.stderr and "ready on" not in proc.stdout
+
+
+def test_unsigned_or_wrongly_signed_artifacts_are_refused(nano_ort, signing):
+    """--public-key: the signature is checked before the model loads; no server ever listens."""
+    for artifact, key in ((nano_ort, signing["pub"]), (signing["artifact"], signing["other"])):
+        proc = subprocess.run([str(EXE), "serve", str(artifact), "--port", "0", "--public-key", str(key)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "ready on" not in proc.stdout
+        assert "signature" in proc.stderr.lower() or "signed" in proc.stderr.lower(), proc.stderr
+
+
+def test_classify_route_for_a_classification_artifact(tmp_path):
+    """A sequence-classification artifact is served on /v1/classify, with the pipeline's labels
+    and scores; the generation routes say to use it."""
+    import starlift
+    from starlift.export import export_checkpoint
+    from tests.test_heads import NANO_TOKENIZER, write_head_checkpoint
+
+    ckpt = write_head_checkpoint(tmp_path / "ckpt", "Starcoder2ForSequenceClassification", ["bug", "ok", "style"],
+                                 tokenizer=NANO_TOKENIZER, vocab_size=8192, pad_token_id=0)
+    export_checkpoint(ckpt, tmp_path / "cls", progress=False)
+    texts = ["def add(a, b):\n    return a + b\n", "import os"]
+    clf = starlift.pipeline("text-classification", tmp_path / "cls")
+    expected = clf(texts, top_k=None)
+    clf.classifier.close()
+    s = ServerProcess(tmp_path / "cls", "--served-model-name", "cls", log=tmp_path / "server.log")
+    try:
+        r = httpx.post(f"{s.url}/v1/classify", json={"input": texts, "top_k": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert [d["index"] for d in data] == [0, 1]
+        for d, e in zip(data, expected, strict=True):
+            assert d["label"] == e[0]["label"] and d["score"] == pytest.approx(e[0]["score"], abs=1e-6)
+            assert [x["label"] for x in d["labels"]] == [x["label"] for x in e[:2]]
+        assert r.json()["usage"]["prompt_tokens"] > 0
+        r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "x"}, timeout=30)
+        assert r.status_code == 400 and "/v1/classify" in r.json()["error"]["message"]
+        r = httpx.post(f"{s.url}/v1/classify", json={"input": []}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    finally:
+        s.stop()

@@ -36,8 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads")
+    p.add_argument("--public-key", default=None,
+                   help="refuse the artifact unless it is signed by this public key (KEY.pub) or one in this folder; "
+                        "checked before the model is loaded (default: no signature required)")
     p.add_argument("--no-verify", action="store_true", help="skip the artifact's hash check (not recommended)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: warning)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -69,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
     _check(args)
     uvicorn = _imports()
     import starlift
-    from starlift.serve import chat_template_of, create_app
+    from starlift.api import artifact_task, is_artifact
+    from starlift.serve import chat_template_of, create_app, create_classify_app
 
     # Bind first, so a port in use fails before the model loads; listen only once ready.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -80,24 +85,34 @@ def main(args: argparse.Namespace) -> int:
         sock.close()
         raise UsageError(f"cannot bind {args.host}:{args.port} ({e.strerror}); choose another --port") from None
 
-    options = {"max_batch": args.max_concurrency, "max_queue": args.max_queue}
-    if args.prefill_chunk:
-        options["prefill_chunk"] = args.prefill_chunk
-    if args.threads:
-        options["threads"] = args.threads
-    gen = starlift.load(args.artifact, backend=args.backend, verify_artifact=not args.no_verify, **options)
+    name = args.served_model_name or Path(str(args.artifact).rstrip("/")).name
+    runner_options = {"threads": args.threads} if args.threads else {}
+    task = artifact_task(Path(args.artifact)) if is_artifact(args.artifact) else "text-generation"
+    if task != "text-generation":  # a classification artifact: /v1/classify
+        gen = starlift.pipeline(task, args.artifact, backend=args.backend, verify_artifact=not args.no_verify,
+                                public_key=args.public_key, **runner_options)
+        app = create_classify_app(gen, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+        close, backend = gen.classifier.close, args.backend
+        gen("def main():\n    pass\n")  # warm-up
+    else:
+        options = {"max_batch": args.max_concurrency, "max_queue": args.max_queue, **runner_options}
+        if args.prefill_chunk:
+            options["prefill_chunk"] = args.prefill_chunk
+        gen = starlift.load(args.artifact, backend=args.backend, verify_artifact=not args.no_verify,
+                            public_key=args.public_key, **options)
+        close, backend = gen.close, gen.backend
     try:
-        template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else \
-            chat_template_of(gen.source) if gen.source else None
-        name = args.served_model_name or Path(str(args.artifact).rstrip("/")).name
-        app = create_app(gen, model_name=name, api_key=args.api_key, chat_template=template)
-        _warm_up(gen)
+        if task == "text-generation":
+            template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else \
+                chat_template_of(gen.source) if gen.source else None
+            app = create_app(gen, model_name=name, api_key=args.api_key, chat_template=template)
+            _warm_up(gen)
         config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=30)
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"starlift serve: ready on http://{shown}:{port} (model {name!r}, {gen.backend}, "
+        print(f"starlift serve: ready on http://{shown}:{port} (model {name!r}, {task}, {backend}, "
               f"{args.max_concurrency} rows, queue {args.max_queue})", flush=True)
         # uvicorn handles SIGTERM/SIGINT itself (stop accepting, drain, return) and raises the
         # signal again once done: a no-op handler then lets us exit 0 instead of dying by it.
@@ -106,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
         sock.listen(2048)
         server.run(sockets=[sock])
     finally:
-        gen.close()
+        close()
         sock.close()
     print("starlift serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -33,9 +33,9 @@ from starlift.core.errors import QueueFullError, StarliftError, UsageError
 from starlift.engine import RequestHandle, SamplingParams
 
 from .metrics import Metrics
-from .schemas import ChatCompletionRequest, CompletionRequest, InfillRequest, error_body
+from .schemas import ChatCompletionRequest, ClassifyRequest, CompletionRequest, InfillRequest, error_body
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/infill", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/infill", "/v1/classify", "/v1/models", "/health", "/metrics")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -154,9 +154,9 @@ class Server:
     """The state one app serves: the engine, its tokenizer, the names, the key, the metrics."""
 
     def __init__(self, generator, model_name: str, api_key: str | None = None, chat_template: str | None = None):
-        self.generator = generator
-        self.engine = generator.engine
-        self.tokenizer = generator.tokenizer
+        self.generator = generator  # None for a classifier (create_classify_app)
+        self.engine = generator.engine if generator is not None else None
+        self.tokenizer = generator.tokenizer if generator is not None else None
         self.model_name = model_name
         self.api_key = api_key.encode() if api_key else None
         self.chat_template = _compile_template(chat_template) if chat_template else None
@@ -355,10 +355,8 @@ def chat_template_of(folder: str | Path) -> str | None:
     return None
 
 
-def create_app(generator, *, model_name: str = "starlift", api_key: str | None = None,
-               chat_template: str | None = None) -> FastAPI:
-    """The app over ``generator`` (what ``starlift.load`` returns; its engine serves every request)."""
-    server = Server(generator, model_name, api_key, chat_template)
+def _base_app(server: Server, max_model_len: int | None, task: str) -> FastAPI:
+    """What every app has: error handlers, request counting, health, metrics, models."""
     app = FastAPI(title="starlift", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -398,7 +396,27 @@ def create_app(generator, *, model_name: str = "starlift", api_key: str | None =
     async def models(request: Request):
         server.check_key(request)
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "starlift", "max_model_len": server.engine.context}]}
+                                            "owned_by": "starlift", "task": task, "max_model_len": max_model_len}]}
+
+    return app
+
+
+def _wrong_task(app: FastAPI, routes: tuple[str, ...], served: str, use: str) -> None:
+    """Routes of the other kind of model answer 400 saying which route serves this one."""
+
+    async def wrong(request: Request):
+        raise ApiError(400, f"this server serves a {served} model: use {use}", None, code="wrong_task")
+
+    for route in routes:
+        app.add_api_route(route, wrong, methods=["POST"])
+
+
+def create_app(generator, *, model_name: str = "starlift", api_key: str | None = None,
+               chat_template: str | None = None) -> FastAPI:
+    """The app over ``generator`` (what ``starlift.load`` returns; its engine serves every request)."""
+    server = Server(generator, model_name, api_key, chat_template)
+    app = _base_app(server, server.engine.context, "text-generation")
+    _wrong_task(app, ("/v1/classify",), "text-generation", "/v1/completions, /v1/chat/completions or /infill")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -612,6 +630,57 @@ def create_app(generator, *, model_name: str = "starlift", api_key: str | None =
             return {**final(), "content": handle.text}
 
         return await server.until_disconnect(request, handles, complete())
+
+    return app
+
+
+def create_classify_app(pipeline, *, model_name: str = "starlift", api_key: str | None = None,
+                        max_queue: int = 64) -> FastAPI:
+    """``POST /v1/classify`` over a text- or token-classification pipeline
+    (``starlift.pipeline("text-classification", ARTIFACT)``), with the same models, health,
+    metrics, key and error JSON as the generation app. The pipeline runs in a worker thread, one
+    call at a time (a runner's buffers are not shared between threads; each call batches its
+    texts); beyond ``max_queue`` waiting calls the answer is 429."""
+    server = Server(None, model_name, api_key)
+    task = pipeline.task
+    app = _base_app(server, pipeline.classifier.info.context, task)
+    _wrong_task(app, ("/v1/completions", "/v1/chat/completions", "/infill"), task, "/v1/classify")
+    slots = asyncio.Semaphore(1)
+    waiting = {"n": 0}
+    tokenizer = pipeline.classifier.tokenizer
+
+    def run(body: ClassifyRequest, texts: list[str]) -> list[dict]:
+        if task == "text-classification":
+            ranked = pipeline(texts, top_k=None, function_to_apply=body.function_to_apply,
+                              truncation=body.truncation)
+            return [{"label": r[0]["label"], "score": r[0]["score"],
+                     "labels": r if body.top_k is None else r[:body.top_k]} for r in ranked]
+        out = pipeline(texts, aggregation_strategy=body.aggregation_strategy, ignore_labels=body.ignore_labels,
+                       truncation=body.truncation)
+        return [{"entities": e} for e in out]
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        server.check_key(request)
+        body = await parse(request, ClassifyRequest)
+        server.check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if waiting["n"] > max_queue:
+            raise ApiError(429, f"{waiting['n']} classification calls are waiting (max_queue {max_queue}); retry "
+                                "later", None, "requests", "rate_limit_exceeded", {"Retry-After": "1"})
+        waiting["n"] += 1
+        try:
+            async with slots:
+                data = await asyncio.to_thread(run, body, texts)
+        except UsageError as e:
+            raise ApiError(400, str(e), "input") from None
+        finally:
+            waiting["n"] -= 1
+        tokens = sum(len(tokenizer.encode(t)) for t in texts)
+        server.metrics.prompt_tokens.inc(tokens)
+        return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                "model": server.model_name, "data": [{"index": i, **d} for i, d in enumerate(data)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
 

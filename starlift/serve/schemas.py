@@ -165,6 +165,19 @@ class InfillRequest(_Body):
         return v
 
 
+class ClassifyRequest(_Body):
+    """``/v1/classify``: one text or a list; a text-classification model ranks its labels
+    (``top_k`` best, all when null), a token-classification model tags its tokens."""
+
+    model: str | None = None
+    input: str | Annotated[list[str], Field(min_length=1)]
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
+    aggregation_strategy: Literal["none", "simple"] = "none"
+    ignore_labels: list[str] | None = None
+    truncation: bool = False
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     """OpenAI's error JSON."""
