@@ -251,6 +251,39 @@ def test_models_health_metrics(server, client):
     assert metric(server.url, "starlift_http_requests_total", '{route="/v1/completions",status="200"}') >= 1
 
 
+def test_parity_over_http(server, tmp_path):
+    """`starlift parity --url` gates the running endpoint as a file is gated: the nano server passes
+    against its own checkpoint (fp32, read from GET /v1/models), and fails (exit 1) against a copy
+    of the checkpoint with one MLP weight doubled."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from starlift.model import resolve_checkpoint
+
+    def parity(reference, out):
+        return subprocess.run([str(EXE), "parity", "--url", server.url, "--reference", str(reference), "--steps", "8",
+                               "--prompt-tokens", "24", "--greedy-steps", "6", "--json", str(out)],
+                              capture_output=True, text=True, timeout=300)
+
+    good = parity("starcoder2-nano", tmp_path / "good.json")
+    assert good.returncode == 0, good.stdout + good.stderr
+    report = json.loads((tmp_path / "good.json").read_text())
+    v = report["backends"]["http"]
+    assert report["precision"] == "fp32" and report["decode_steps"] == 8
+    assert v["top1_agreement"] == 1.0 and v["max_abs_error"] < 1e-3 and v["greedy_match_tokens"] == 6
+    bad = tmp_path / "bad"
+    shutil.copytree(resolve_checkpoint("starcoder2-nano"), bad)
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.0.mlp.c_fc.weight"))
+    weights[name] = weights[name] * 2
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    failed = parity(bad, tmp_path / "bad.json")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    checks = json.loads((tmp_path / "bad.json").read_text())["backends"]["http"]["checks"]
+    assert not checks["max_abs_error"]["passed"] and "FAIL" in failed.stdout
+
+
 # ---- errors ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "temperature": -1}, "temperature"),

@@ -74,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
     uvicorn = _imports()
     import starlift
     from starlift.api import artifact_task, is_artifact
+    from starlift.core.artifact import read_manifest
     from starlift.serve import chat_template_of, create_app, create_classify_app
 
     # Bind first, so a port in use fails before the model loads; listen only once ready.
@@ -105,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
         if task == "text-generation":
             template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else \
                 chat_template_of(gen.source) if gen.source else None
-            app = create_app(gen, model_name=name, api_key=args.api_key, chat_template=template)
+            precision = read_manifest(Path(args.artifact)).get("precision") if is_artifact(args.artifact) else None
+            app = create_app(gen, model_name=name, api_key=args.api_key, chat_template=template, precision=precision)
             _warm_up(gen)
         config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=30)

@@ -161,6 +161,7 @@ class Server:
         self.api_key = api_key.encode() if api_key else None
         self.chat_template = _compile_template(chat_template) if chat_template else None
         self.created = int(time.time())
+        self.precision: str | None = None  # the artifact's, for `starlift parity --url` (GET /v1/models)
         self.metrics = Metrics(self.engine)
         self._token_text: dict[int, str] = {}
 
@@ -396,7 +397,8 @@ def _base_app(server: Server, max_model_len: int | None, task: str) -> FastAPI:
     async def models(request: Request):
         server.check_key(request)
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "starlift", "task": task, "max_model_len": max_model_len}]}
+                                            "owned_by": "starlift", "task": task, "max_model_len": max_model_len,
+                                            "precision": server.precision}]}
 
     return app
 
@@ -412,9 +414,11 @@ def _wrong_task(app: FastAPI, routes: tuple[str, ...], served: str, use: str) ->
 
 
 def create_app(generator, *, model_name: str = "starlift", api_key: str | None = None,
-               chat_template: str | None = None) -> FastAPI:
-    """The app over ``generator`` (what ``starlift.load`` returns; its engine serves every request)."""
+               chat_template: str | None = None, precision: str | None = None) -> FastAPI:
+    """The app over ``generator`` (what ``starlift.load`` returns; its engine serves every request).
+    ``precision`` (the artifact's: fp32, fp16, int8, ...) is listed by ``GET /v1/models``."""
     server = Server(generator, model_name, api_key, chat_template)
+    server.precision = precision
     app = _base_app(server, server.engine.context, "text-generation")
     _wrong_task(app, ("/v1/classify",), "text-generation", "/v1/completions, /v1/chat/completions or /infill")
 
