@@ -1,6 +1,6 @@
 """Every code example of the docs runs, so the docs cannot rot.
 
-The ```sh and ```python blocks of docs/getting-started.md and docs/guide/*.md run in page order,
+The ```sh and ```python blocks of README.md, docs/getting-started.md and docs/guide/*.md run in page order,
 each page in a fresh folder of its own (its cwd), against the bundled starcoder2-nano: sh blocks
 as bash scripts (``set -eo pipefail``) with this venv's ``starlift`` first on PATH, python blocks
 in one interpreter per page (this venv's python) that keeps its variables from block to block, as
@@ -46,8 +46,9 @@ BLOCK_TIMEOUT = 300  # seconds, per block
 
 
 def pages() -> list[Path]:
-    """The pages whose examples run: getting started first, then the how-to guides."""
-    return [p for p in [DOCS / "getting-started.md", *sorted((DOCS / "guide").glob("*.md"))] if p.is_file()]
+    """The pages whose examples run: the README, getting started, then the how-to guides."""
+    found = [REPO / "README.md", DOCS / "getting-started.md", *sorted((DOCS / "guide").glob("*.md"))]
+    return [p for p in found if p.is_file()]
 
 
 @dataclass
@@ -145,7 +146,7 @@ class Workspace:
                     "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
 
     def page_dir(self, page: Path) -> Path:
-        d = self.root / "pages" / page.relative_to(DOCS).with_suffix("").as_posix().replace("/", "-")
+        d = self.root / "pages" / page.relative_to(REPO).with_suffix("").as_posix().replace("/", "-")
         d.mkdir(parents=True)
         return d
 
@@ -247,7 +248,7 @@ def run_sh(block: Block, ws: Workspace, cwd: Path) -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(REPO)))
 def test_page_examples_run(page: Path, workspace: Workspace):
     blocks = [b for b in extract(page) if b.lang in ("sh", "python") and b.skip is None]
     if not blocks:
