@@ -249,10 +249,11 @@ def run_sh(block: Block, ws: Workspace, cwd: Path) -> tuple[bool, str]:
 
 
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(REPO)))
-def test_page_examples_run(page: Path, workspace: Workspace):
+def test_page_examples_run(page: Path, request):
     blocks = [b for b in extract(page) if b.lang in ("sh", "python") and b.skip is None]
     if not blocks:
         pytest.skip(f"{page.relative_to(REPO)} has no runnable sh/python block")
+    workspace = request.getfixturevalue("workspace")  # only pages with examples pay for the nano export
     cwd = workspace.page_dir(page)
     session = None
     try:
