@@ -24,6 +24,9 @@ from starlift.core.errors import StarliftError, UsageError
 
 class KVCache(ABC):
     kind = "cache"
+    # decode_many() takes several tokens for every row of a batch in one call; otherwise only
+    # for a batch of one row, and a row extends alone (``extend``) after a one-token step
+    multi_token_batch = False
 
     def __init__(self, runner, max_batch: int):
         if max_batch < 1:
@@ -57,6 +60,21 @@ class KVCache(ABC):
     def remove(self, seq: Hashable) -> None:
         """Forget ``seq`` (prefilling or decoding) and free its room."""
 
+    # ---- speculative decoding: several tokens per row, then the rejected ones taken back ----
+    def decode_many(self, tokens: list) -> list[np.ndarray]:
+        """Row i of ``rows`` gets ``tokens[i]`` (1 or more ids) in one call; float32 logits
+        ``(len(tokens[i]), V)`` per row. Every fed token is in the cache afterwards until
+        ``rollback`` takes some back. Caches without ``multi_token_batch`` take one row only."""
+        raise StarliftError(f"the {self.kind} cache cannot decode several tokens per row")
+
+    def extend(self, seq: Hashable, ids: np.ndarray) -> np.ndarray:
+        """Append ``ids`` to a decoding row alone (batch 1); float32 logits (len(ids), V)."""
+        raise StarliftError(f"the {self.kind} cache cannot extend one decoding row alone")
+
+    def rollback(self, drops: dict) -> None:
+        """Take the last ``drops[seq]`` tokens back out of each row's cache (rejected drafts)."""
+        raise StarliftError(f"the {self.kind} cache cannot take tokens back")
+
     @abstractmethod
     def length(self, seq: Hashable) -> int:
         """Tokens in ``seq``'s cache."""
@@ -84,9 +102,11 @@ class ConcatBatch(KVCache):
     """
 
     kind = "concat"
+    multi_token_batch = True
 
     def __init__(self, runner, max_batch: int):
         super().__init__(runner, max_batch)
+        self._junk = None  # after decode_many: per row, padding tokens fed past its own (rolled back next)
         self._pending: dict[Hashable, list] = {}  # seq -> [past handles (batch 1), length]
         self._past = None  # the decode batch's handles
         self._width = 0  # P: padded length of the decode batch
@@ -148,6 +168,55 @@ class ConcatBatch(KVCache):
         logits, self._past = self.runner.run(ids, mask, self._lens[:, None], self._past)
         self._width, self._lens = width, self._lens + 1
         return logits[:, -1]
+
+    def decode_many(self, tokens) -> list[np.ndarray]:
+        """Right-pads the shorter rows' tokens (a row's padding comes after its real tokens, so
+        causal attention never lets them change its logits) and takes the padding back in
+        ``rollback``, which must follow before the next step."""
+        n = len(self.rows)
+        if len(tokens) != n or not n:
+            raise StarliftError(f"decode_many needs tokens for each of the {n} rows, got {len(tokens)}")
+        counts = np.array([len(t) for t in tokens], np.int64)
+        t = int(counts.max())
+        if self.context and self._width + t > self.context:
+            raise UsageError(f"{self._width + t} tokens exceed the model's context of {self.context}")
+        ids = np.empty((n, t), np.int64)
+        for i, row in enumerate(tokens):
+            ids[i, :len(row)] = row
+            ids[i, len(row):] = row[-1]
+        width = self._width + t
+        mask = (np.arange(width)[None, :] >= self._pads[:, None]).astype(np.int64)
+        positions = self._lens[:, None] + np.arange(t)[None, :]
+        logits, self._past = self.runner.run(ids, mask, positions, self._past, logits_to_keep=t)
+        self._width, self._lens = width, self._lens + t
+        self._junk = t - counts
+        return [logits[i, :c] for i, c in enumerate(counts)]
+
+    def rollback(self, drops: dict) -> None:
+        d = np.array([drops.get(seq, 0) for seq in self.rows], np.int64)
+        if self._junk is not None:
+            d, self._junk = d + self._junk, None
+        if not d.any():
+            return
+        width = self._width - int(d.min())
+        arrays = self.runner.past_to_numpy(self._past)
+        if (d == d[0]).all():  # every row drops as many: cut the end
+            out = [np.ascontiguousarray(a[:, :, :width]) for a in arrays]
+        else:  # each row's kept tokens move to the end; what it dropped becomes leading padding
+            out = []
+            for a in arrays:
+                b = np.zeros(a.shape[:2] + (width,) + a.shape[3:], a.dtype)
+                for i, drop in enumerate(d):
+                    keep = self._width - int(drop)
+                    b[i, :, width - keep:] = a[i, :, :keep]
+                out.append(b)
+        self._pads = self._pads + (width - (self._width - d))
+        self._lens = self._lens - d
+        trim = int(self._pads.min())
+        if trim:
+            out = [np.ascontiguousarray(a[:, :, trim:]) for a in out]
+            self._pads, width = self._pads - trim, width - trim
+        self._past, self._width = self.runner.past_from_numpy(out), width
 
     def remove(self, seq) -> None:
         if self._pending.pop(seq, None) is not None:

@@ -343,6 +343,24 @@ class SlotPool(KVCache):
             return self._logits[:n, 0]
         return io.get_outputs()[0].numpy().astype(np.float32, copy=False)[:, -1]
 
+    # ---- speculative decoding: GroupQueryAttention takes several new tokens for batch 1 only ---
+    def decode_many(self, tokens) -> list[np.ndarray]:
+        if len(self.rows) != 1 or len(tokens) != 1:
+            raise StarliftError("the slot pool decodes several tokens for a batch of one row only; with more rows "
+                                "decode one token each, then extend() a row alone")
+        return [self.extend(self.rows[0], np.asarray(tokens[0], np.int64))]
+
+    def extend(self, seq, ids) -> np.ndarray:
+        # a decoding row's slot is a batch-1 view like a prefilling one's: the prefill call, every
+        # position's logits (logits_to_keep=0 computes exactly the len(ids) positions fed)
+        return self.prefill(seq, ids, all_logits=True)
+
+    def rollback(self, drops: dict) -> None:
+        # the row's length is its mask's last 1: keys past it are never read, and overwritten next
+        for seq, n in drops.items():
+            if n:
+                self._lens[self._slot[seq]] -= n
+
     def remove(self, seq) -> None:
         slot = self._slot.pop(seq)
         n = len(self.rows)

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--speculative", choices=["prompt-lookup"], default=None,
+                   help="speculative decoding: verify tokens drafted from n-gram matches in the prompt and output, "
+                        "several per model call (greedy output unchanged; see docs/guide/speculative.md)")
+    p.add_argument("--draft-tokens", type=int, default=8, help="with --speculative: the most draft tokens per call")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's own choice)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the artifact against its manifest: a corrupted or altered weight file then "
@@ -62,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     options = {"threads": args.threads} if args.threads else {}
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                    ignore_eos=args.ignore_eos, truncate=args.truncate)
+                    ignore_eos=args.ignore_eos, truncate=args.truncate, speculative=args.speculative,
+                    draft_tokens=args.draft_tokens)
     from starlift.engine.generation import SamplingParams
 
     SamplingParams(**{k: v for k, v in sampling.items() if k != "truncate"})  # bad values fail before loading

@@ -34,6 +34,7 @@ import numpy as np
 from starlift.core.errors import QueueFullError, StarliftError, UsageError
 
 from .sampling import MAX_LOGPROBS, Sampler, SamplingParams, logprobs
+from .speculative import PromptLookup
 from .text import TextState
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -135,6 +136,9 @@ class _Request:
         self.generated = 0  # tokens sampled (a final EOS / stop token included)
         self.tokens: list[int] = []  # the completion's ids, without a final EOS / stop token
         self.last_token = -1
+        # prompt-lookup speculative decoding: the n-gram index, drafts proposed and accepted
+        self.lookup = PromptLookup(prompt) if params.speculative == "prompt-lookup" else None
+        self.drafted = self.accepted = 0
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancel_requested = False
@@ -189,6 +193,22 @@ class RequestHandle:
         """The completion's final text (so far, before the end)."""
         r = self._request
         return r.text.text if r.text is not None else ""
+
+    @property
+    def draft_tokens(self) -> int:
+        """Draft tokens proposed for verification (speculative decoding; 0 otherwise)."""
+        return self._request.drafted
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Draft tokens the model accepted (each saved one model call)."""
+        return self._request.accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / proposed draft tokens; None when none were proposed."""
+        r = self._request
+        return r.accepted / r.drafted if r.drafted else None
 
     @property
     def first_token_time(self) -> float | None:
@@ -347,7 +367,7 @@ class Engine:
         self._scheduler = Scheduler(max_batch, prefill_chunk)
         self._cache = None
         self._totals = {"finished": dict.fromkeys(FINISH_REASONS, 0), "prompt_tokens": 0, "generated_tokens": 0,
-                        "steps": 0, "prefill_chunks": 0}
+                        "steps": 0, "prefill_chunks": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self._latency = None  # moving average of request seconds, for retry_after
         self.trace: list[tuple] | None = [] if trace else None
 
@@ -459,6 +479,9 @@ class Engine:
                     "max_queue": self.max_queue, "finished": dict(totals["finished"]),
                     "prompt_tokens": totals["prompt_tokens"], "generated_tokens": totals["generated_tokens"],
                     "steps": totals["steps"], "prefill_chunks": totals["prefill_chunks"],
+                    "draft_tokens": totals["draft_tokens"], "accepted_tokens": totals["accepted_tokens"],
+                    "acceptance_rate": (totals["accepted_tokens"] / totals["draft_tokens"]
+                                        if totals["draft_tokens"] else None),
                     "cache": getattr(self._cache, "kind", None)}
 
     def _check_prompt(self, prompt_ids) -> list[int]:
@@ -531,13 +554,23 @@ class Engine:
         decoded = len(cache.rows)
         if decoded:
             rows = [r for r in cache.rows]
-            tokens = np.fromiter((r.last_token for r in rows), np.int64, len(rows))
-            try:
-                logits = cache.decode(tokens)
-            except Exception as e:  # noqa: BLE001 - the backend failed this step: its rows end with the error
-                for request in rows:
-                    self._retire(request, "error", e)
+            drafts = self._drafts(rows, cache)
+            if drafts is not None:
+                try:
+                    self._speculative_step(rows, drafts, cache, finished)
+                except Exception as e:  # noqa: BLE001 - the backend failed this step: its rows end with the error
+                    for request in rows:
+                        if request.finish_reason is None:
+                            self._retire(request, "error", e)
                 rows = []
+            else:
+                tokens = np.fromiter((r.last_token for r in rows), np.int64, len(rows))
+                try:
+                    logits = cache.decode(tokens)
+                except Exception as e:  # noqa: BLE001 - the backend failed this step: its rows end with the error
+                    for request in rows:
+                        self._retire(request, "error", e)
+                    rows = []
             if rows:
                 if all(r.sampler.greedy and r.top_logprobs is None for r in rows):
                     picks = logits.argmax(axis=-1).tolist()  # one call for a greedy batch
@@ -575,6 +608,67 @@ class Engine:
             self.trace.append((start, time.perf_counter(), decoded, prefill_tokens, prefill_calls,
                                getattr(self.runner, "run_seconds", 0.0) - run0))
 
+    # ---- speculative decoding ------------------------------------------------------------------
+    def _drafts(self, rows: list[_Request], cache) -> list[list[int]] | None:
+        """Each row's draft tokens (prompt lookup), or None when no row has one (a plain step)."""
+        out, any_draft = [], False
+        for request in rows:
+            draft: list[int] = []
+            if request.lookup is not None:
+                # room: no more drafts than tokens left to make (the last one accepted ends it by
+                # length), and the last token with the draft within the context
+                k = min(request.params.draft_tokens, request.params.max_new_tokens - request.generated)
+                if self.context:
+                    k = min(k, self.context - cache.length(request) - 1)
+                if k > 0:
+                    draft = request.lookup.draft(k)
+                    any_draft = any_draft or bool(draft)
+            out.append(draft)
+        return out if any_draft else None
+
+    def _speculative_step(self, rows: list[_Request], drafts: list[list[int]], cache, finished: list) -> None:
+        """One step where some rows verify drafts: each row keeps the longest prefix of its draft
+        the model agrees with, plus the model's own next token; the rest leaves the cache.
+
+        In one call where the cache takes several tokens per row (the concat batch; the slot
+        pool with one row). Otherwise (the slot pool with more rows: GroupQueryAttention takes
+        several new tokens for batch 1 only) a plain one-token step for every row, then each
+        row whose first draft token was accepted feeds the rest of its draft alone."""
+        fed = [1 + len(d) for d in drafts]
+        if cache.multi_token_batch or len(rows) == 1:
+            blocks = cache.decode_many([[r.last_token, *d] for r, d in zip(rows, drafts, strict=True)])
+            extend = None
+        else:
+            first = cache.decode(np.fromiter((r.last_token for r in rows), np.int64, len(rows)))
+            blocks = [first[i:i + 1] for i in range(len(rows))]
+            fed = [1] * len(rows)
+
+            def extend(i):
+                fed[i] += len(drafts[i])
+                return np.concatenate([blocks[i], cache.extend(rows[i], np.asarray(drafts[i], np.int64))])
+        now = time.perf_counter()
+        drops = {}
+        for i, (request, draft) in enumerate(zip(rows, drafts, strict=True)):
+            block = blocks[i]
+            request.drafted += len(draft)
+            j = 0
+            while True:
+                if j < len(draft):
+                    token, ok = request.sampler.verify(block[j], draft[j])
+                else:
+                    token, ok = request.sampler(block[j]), False
+                request.accepted += ok
+                if self._emit(request, token, block[j], now):
+                    finished.append(request)
+                    break
+                if not ok:
+                    break
+                j += 1
+                if j >= len(block):  # the rest of the draft was not fed yet (the slot pool's two calls)
+                    block = extend(i)
+            drops[request] = fed[i] - (j + 1)
+        cache.rollback(drops)
+
     def _emit(self, request: _Request, token: int, logits: np.ndarray, now: float) -> bool:
         """Record a sampled token and hand its event to the consumer; True when the request ends."""
         params = request.params
@@ -589,6 +683,8 @@ class Engine:
             request.tokens.append(token)
             request.last_token = token
             request.sampler.seen(token)
+            if request.lookup is not None:
+                request.lookup.extend((token,))
             if text is not None:
                 text.push(token)
                 if text.hit_stop:
@@ -630,6 +726,8 @@ class Engine:
             totals["finished"][request.finish_reason] += 1
             totals["prompt_tokens"] += len(request.prompt)
             totals["generated_tokens"] += request.generated
+            totals["draft_tokens"] += request.drafted
+            totals["accepted_tokens"] += request.accepted
             self._latency = seconds if self._latency is None else 0.9 * self._latency + 0.1 * seconds
             self._active = self._scheduler.active
         request.channel.put(_END)

@@ -19,8 +19,10 @@ from starlift.runtimes.base import Runner
 from .engine import DEFAULT_PREFILL_CHUNK, Engine, RequestHandle
 from .keywords import from_transformers
 from .sampling import SamplingParams
+from .speculative import DEFAULT_DRAFT_TOKENS
 
-_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "ignore_eos")
+_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "ignore_eos",
+             "speculative", "draft_tokens")
 
 
 class Generator:
@@ -101,13 +103,17 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None,
                  stop: str | Sequence[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-                 truncate: bool = False, **transformers_kwargs):
+                 truncate: bool = False, speculative: str | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                 **transformers_kwargs):
         """str -> new text; list[str] -> list of new texts (all submitted at once, batched by the
         engine); list[int] -> new token ids. transformers' ``do_sample`` and ``stop_strings`` are
-        understood; its other keywords are refused with the starlift way (see ``engine/keywords.py``)."""
+        understood; its other keywords are refused with the starlift way (see ``engine/keywords.py``).
+        ``speculative="prompt-lookup"`` verifies up to ``draft_tokens`` tokens drafted from the
+        prompt and output per model call (greedy output unchanged; see docs/guide/speculative.md)."""
         if transformers_kwargs:
             temperature, stop = from_transformers(transformers_kwargs, temperature, stop, "generate()")
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos,
+                                speculative, draft_tokens)
         stops = self._stops(stop)
         if isinstance(prompt, str):
             return self._result(self._submit(self._encode(prompt), params, stops, truncate)).text
@@ -132,12 +138,14 @@ class Generator:
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, repetition_penalty: float | None = None,
                stop: str | Sequence[str] | None = None, seed: int | None = None, ignore_eos: bool = False,
-               truncate: bool = False, **transformers_kwargs) -> Iterator[str]:
+               truncate: bool = False, speculative: str | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+               **transformers_kwargs) -> Iterator[str]:
         """Text pieces whose concatenation equals ``generate()``'s text for the same arguments.
         The request starts now; closing or dropping the iterator cancels it."""
         if transformers_kwargs:
             temperature, stop = from_transformers(transformers_kwargs, temperature, stop, "stream()")
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos,
+                                speculative, draft_tokens)
         handle = self._submit(self._encode(prompt), params, self._stops(stop), truncate)
         return _pieces(handle)
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from starlift.core.errors import UsageError
 
+from .speculative import DEFAULT_DRAFT_TOKENS, check_method, residual_sample
+
 LogitsProcessor = Callable[[np.ndarray, list[list[int]]], np.ndarray]
 MAX_LOGPROBS = 20  # the OpenAI API's limit for top logprobs
 
@@ -67,6 +69,8 @@ class SamplingParams:
     repetition_penalty: float | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    speculative: str | None = None  # "prompt-lookup": drafts from n-gram matches, verified exactly
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS  # the most draft tokens verified per step
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -82,6 +86,7 @@ class SamplingParams:
             raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
             raise UsageError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_method(self.speculative, self.draft_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -130,6 +135,28 @@ class Sampler:
         for proc in self.processors:
             scores = proc(scores, self.history or [[]])
         return int(sample(scores, self.params, self.rng)[0])
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution a sample is drawn from (temperature > 0): softmax(processed / T), (V,)."""
+        scores = logits[None].astype(np.float64, copy=True)
+        for proc in self.processors:
+            scores = proc(scores, self.history or [[]])
+        scaled = scores[0] / self.params.temperature
+        scaled -= scaled.max()
+        p = np.exp(scaled)
+        return p / p.sum()
+
+    def verify(self, logits: np.ndarray, draft: int) -> tuple[int, bool]:
+        """(token, draft accepted) at a position whose draft is ``draft``. Greedy (temperature 0):
+        the model's choice, accepted when it equals the draft. Sampling: speculative sampling with
+        a point-mass draft: accept with probability p(draft), else draw from p without it."""
+        if self.params.temperature == 0:
+            token = self(logits)
+            return token, token == draft
+        p = self.probs(logits)
+        if self.rng.random() < p[draft]:
+            return int(draft), True
+        return residual_sample(p, draft, self.rng), False
 
     def seen(self, token: int) -> None:
         if self.history is not None:
