@@ -143,13 +143,17 @@ def _rename_one_identifier(text: str) -> str:
 
 # ---- rows ------------------------------------------------------------------------------------
 class _StarliftRow:
-    def __init__(self, path: Path, backend: str, threads: int | None):
+    def __init__(self, path: Path, backend: str, threads: int | None, speculative: str | None = None,
+                 draft_tokens: int = 8):
         from starlift.core.artifact import read_manifest
 
         manifest = read_manifest(path)
         self.path, self.backend, self.threads = path, backend, threads
+        self.speculative, self.draft_tokens = speculative, draft_tokens
         self.precision = manifest.get("precision", manifest.get("dtype", "fp32"))
         self.name = f"starlift {path.name} ({manifest.get('flavour')} {self.precision})"
+        if speculative:
+            self.name += f" {speculative} {draft_tokens}"
         self.is_peer = False
 
     def activate(self):
@@ -166,14 +170,15 @@ class _StarliftRow:
     def complete(self, ids: list[int], new_tokens: int) -> dict:
         from starlift.engine import SamplingParams
 
-        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, speculative=self.speculative,
+                                draft_tokens=self.draft_tokens)
         t0 = time.perf_counter()
         handle = self.engine.submit(ids, params)
         events = list(handle)
         if handle.error is not None:
             raise handle.error
         return {"tokens": [e.token_id for e in events], "ttft_s": events[0].time - t0,
-                "total_s": events[-1].time - t0}
+                "total_s": events[-1].time - t0, "acceptance": handle.acceptance_rate}
 
     def deactivate(self):
         self.engine.close()
@@ -183,7 +188,9 @@ class _StarliftRow:
 class _LlamaRow:
     def __init__(self, peer, quant: str, precision: str):
         self.peer, self.precision = peer, precision
-        self.name, self.backend, self.is_peer = f"llama.cpp {quant}", "llama.cpp", True
+        self.speculative = "prompt-lookup" if peer.lookup else None
+        self.name = f"llama.cpp {quant}" + (f" prompt-lookup {peer.lookup}" if peer.lookup else "")
+        self.backend, self.is_peer = "llama.cpp", True
 
     def activate(self):
         self.peer.activate()
@@ -200,7 +207,11 @@ def run(paths: list[str], backends: list[str], checkpoint: str | None, llama_cpp
         llama_cpp_quants=("f32", "q8_0", "q4_0"), llama_cpp_cache: str | None = None, flash_attn: bool = False,
         ttft_lens=(1024, 4096), fim_prefixes=(1024, 4096), fim_suffix: int = 128, fim_new: int = 32,
         edit_tokens: int = 512, edit_new: int = 64, requests_per_size: int = 3, reps: int = 3,
-        threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+        threads: int | None = None, progress: bool = True, speculative: str | None = None, draft_tokens: int = 8,
+        llama_cpp_lookup: int | None = None) -> dict[str, Any]:
+    """``speculative``: each artifact also runs as a row with that speculative decoding
+    (``draft_tokens`` per step); ``llama_cpp_lookup=K``: each llama.cpp quant also runs with
+    llama-cpp-python's prompt-lookup decoding (K draft tokens)."""
     from tqdm.auto import tqdm
 
     from starlift.api import is_artifact
@@ -223,7 +234,8 @@ def run(paths: list[str], backends: list[str], checkpoint: str | None, llama_cpp
     ttft_lens = [n for n in ttft_lens if n < context] or [context // 2]
     requests = build_requests(tokenizer, heldout_files(), context, list(ttft_lens), list(fim_prefixes), fim_suffix,
                               fim_new, edit_tokens, edit_new, requests_per_size)
-    rows: list = [_StarliftRow(Path(p), b, threads) for p in paths for b in backends]
+    rows: list = [_StarliftRow(Path(p), b, threads, spec, draft_tokens) for p in paths for b in backends
+                  for spec in ([None, speculative] if speculative else [None])]
     if llama_cpp:
         from . import llama_cpp as llama
 
@@ -231,9 +243,10 @@ def run(paths: list[str], backends: list[str], checkpoint: str | None, llama_cpp
         for q in llama_cpp_quants:
             if q not in llama.QUANTS:
                 raise UsageError(f"--llama-cpp-quant takes {', '.join(llama.QUANTS)}, got {q!r}")
-            peer = llama.LlamaCppPeer(llama_cpp, Path(checkpoint), q, llama_cpp_cache, threads,
-                                      n_ctx=longest + 16, flash_attn=flash_attn)
-            rows.append(_LlamaRow(peer, q, llama.PRECISION[q]))
+            for lookup in [None, llama_cpp_lookup] if llama_cpp_lookup else [None]:
+                peer = llama.LlamaCppPeer(llama_cpp, Path(checkpoint), q, llama_cpp_cache, threads,
+                                          n_ctx=longest + 16, flash_attn=flash_attn, lookup=lookup)
+                rows.append(_LlamaRow(peer, q, llama.PRECISION[q]))
     samples: dict[tuple[str, str], dict[str, list[float]]] = {}
     checks: dict[str, Any] = {}
     try:
@@ -254,6 +267,8 @@ def run(paths: list[str], backends: list[str], checkpoint: str | None, llama_cpp
             s["total_s"].append(out["total_s"])
             if req.new_tokens > 1:
                 s["decode_tokens_per_s"].append((req.new_tokens - 1) / (out["total_s"] - out["ttft_s"]))
+            if out.get("acceptance") is not None:
+                s.setdefault("acceptance", []).append(out["acceptance"])
             if rep == 0:
                 first_tokens.setdefault((req.key, i), {})[row.name] = out["tokens"]
     finally:
@@ -295,6 +310,18 @@ def _report(rows, requests, samples, first_tokens, checks, reps, threads, flash_
             fastest_ttft = min(peers, key=lambda q: q["ttft_s"])
             r["vs_llama_cpp"] = {"ttft_row": fastest_ttft["row"], "ttft": fastest_ttft["ttft_s"] / r["ttft_s"],
                                  "e2e_row": best["row"], "e2e": best["total_s"] / r["total_s"]}
+    for r in results:  # a speculating row against plain decoding and the llama.cpp rows, by decode speed
+        row = next(x for x in rows if x.name == r["row"])
+        if row.is_peer or not getattr(row, "speculative", None) or r["decode_tokens_per_s"] is None:
+            continue
+        same = [q for q in results if q["workload"] == r["workload"]]
+        plain = next((q for q in same if q["row"] == r["row"].rsplit(f" {row.speculative}", 1)[0]), None)
+        peers = [q for q in same if q["is_peer"] and q["precision"] == r["precision"] and q["decode_tokens_per_s"]]
+        r["speculative"] = {"acceptance": float(np.median(r["samples"].get("acceptance") or [np.nan])),
+                            "decode_vs_plain": r["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+                            if plain else None}
+        for q in peers:
+            r["speculative"][f"decode_vs {q['row']}"] = r["decode_tokens_per_s"] / q["decode_tokens_per_s"]
     by_key = {}
     for req in requests:
         by_key.setdefault(req.key, []).append({"prompt_tokens": len(req.ids), "new_tokens": req.new_tokens,
@@ -328,6 +355,14 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['workload']:<10} {r['row']:<40} {prompt:>7} {new:>4} {r['ttft_s'] * 1e3:>9.1f} {dec} "
                      f"{r['total_s'] * 1e3:>9.1f} "
                      + (f"{vs['ttft']:>17.2f}x {vs['e2e']:>16.2f}x" if vs else f"{'-':>18} {'-':>17}"))
+    for r in report["results"]:
+        spec = r.get("speculative")
+        if spec:
+            ratios = ", ".join(f"{v:.2f}x {k.removeprefix('decode_vs ')}" for k, v in spec.items()
+                               if k.startswith("decode_vs ") and v is not None)
+            plain = f"{spec['decode_vs_plain']:.2f}x plain" if spec["decode_vs_plain"] else "no plain row"
+            lines.append(f"{r['workload']}: {r['row']} decodes {plain}" + (f", {ratios}" if ratios else "")
+                         + f" (acceptance {spec['acceptance']:.2f})")
     checks = report["checks"]
     if "llama_cpp_tokenizer_agrees" in checks:
         lines.append(f"llama.cpp tokenizes the held-out text as starlift does: {checks['llama_cpp_tokenizer_agrees']}")

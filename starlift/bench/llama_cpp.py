@@ -52,19 +52,21 @@ class LlamaCppPeer(WorkerPeer):
 
     def __init__(self, python_or_dir: str | Path, checkpoint: Path, quant: str, cache_dir: str | Path | None = None,
                  threads: int | None = None, n_ctx: int = 8192, flash_attn: bool = False,
-                 pre_tokenizer: str | None = PRE_TOKENIZER):
+                 pre_tokenizer: str | None = PRE_TOKENIZER, lookup: int | None = None):
         from starlift.model import resolve_checkpoint
 
         python, self.tree = resolve(python_or_dir)
         super().__init__(python, resolve_checkpoint(checkpoint), quant, threads)
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()
         self.n_ctx, self.flash_attn, self.pre_tokenizer = n_ctx, flash_attn, pre_tokenizer
+        self.lookup = lookup  # llama-cpp-python's prompt-lookup decoding with this many draft tokens
 
     def _command(self) -> list[str]:
         cmd = [self.python, str(self.WORKER), "serve", str(self.checkpoint), "--quant", self.precision,
                "--tree", str(self.tree), "--workdir", str(self.cache_dir), "--n-ctx", str(self.n_ctx)]
         cmd += ["--threads", str(self.threads)] if self.threads else []
         cmd += ["--pre-tokenizer", self.pre_tokenizer] if self.pre_tokenizer else []
+        cmd += ["--lookup", str(self.lookup)] if self.lookup else []
         return cmd + (["--flash-attn"] if self.flash_attn else [])
 
     def _ready(self, reply: dict) -> None:

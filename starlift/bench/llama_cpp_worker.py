@@ -5,6 +5,7 @@ the standard library, numpy and llama_cpp (and, in ``convert`` mode, llama.cpp's
 
     python llama_cpp_worker.py serve CHECKPOINT --quant f32|q8_0|q4_0|q4_k_m --tree LLAMA_CPP_TREE
                                      --workdir DIR [--threads N] [--pre-tokenizer NAME] [--flash-attn]
+                                     [--lookup K]
 
 It converts CHECKPOINT with the tree's own ``convert_hf_to_gguf.py`` (f32; in a child process,
 so the converter's torch never stays in the measured process), quantizes through
@@ -15,6 +16,11 @@ and answers one JSON request per stdin line with one JSON reply per stdout line:
     {"cmd": "decode", "prompt_len": 128, "new_tokens": 128, "seed": 0} -> {"ttft_s", "decode_tokens_per_s"}
     {"cmd": "complete", "ids": [...], "new_tokens": 32}          -> {"tokens", "ttft_s", "total_s"}
     {"cmd": "tokenize", "text": "..."}                           -> {"ids": [...]}
+
+``--lookup K`` loads the model with llama-cpp-python's own prompt-lookup decoding
+(``LlamaPromptLookupDecoding(num_pred_tokens=K)``, its default 2-gram matching) as the draft
+model; ``complete`` then runs the binding's ``Llama.generate`` loop (greedy), which verifies
+the drafts (the binding computes every position's logits then: ``logits_all`` is forced on).
 
 Generation is greedy and runs exactly ``new_tokens`` steps (EOS does not stop it: every row does
 the same work). Logits are read with ``llama_get_logits`` after each ``eval``: with
@@ -165,14 +171,22 @@ def prepare(checkpoint: Path, quant: str, tree: Path, workdir: Path, pre_tokeniz
 
 # ---- serve ------------------------------------------------------------------------------------
 class Peer:
-    def __init__(self, gguf: Path, threads: int | None, n_ctx: int, flash_attn: bool):
+    def __init__(self, gguf: Path, threads: int | None, n_ctx: int, flash_attn: bool, lookup: int | None = None):
         import llama_cpp
         import numpy as np
 
         self.np = np
         before = _rss()
+        draft = None
+        if lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+        self.lookup = bool(lookup)
         self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                   logits_all=False, flash_attn=flash_attn, verbose=False)
+                                   # with a draft model the binding needs logits_all=True passed: it
+                                   # forces the flag on, but sizes its score buffer from the argument
+                                   logits_all=bool(lookup), flash_attn=flash_attn, verbose=False, draft_model=draft)
         self.rss_bytes = _rss() - before
         self.weight_bytes = gguf.stat().st_size
         self.vocab = self.llm.n_vocab()
@@ -185,6 +199,16 @@ class Peer:
         """Prefill, then greedy steps: (tokens, seconds to the first token, total seconds)."""
         llm = self.llm
         llm.reset()
+        if self.lookup:  # the binding's own speculative loop: greedy, drafts verified per eval
+            t0 = time.perf_counter()
+            tokens, ttft = [], None
+            for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                tokens.append(int(token))
+                if len(tokens) == new_tokens:
+                    break
+            return tokens, ttft, time.perf_counter() - t0
         t0 = time.perf_counter()
         llm.eval(ids)
         token = self._next()
@@ -217,7 +241,7 @@ def serve(args) -> None:
     checkpoint = args.checkpoint.resolve()
     gguf = prepare(checkpoint, args.quant, args.tree.resolve(), args.workdir.expanduser().resolve(),
                    args.pre_tokenizer, args.threads)
-    peer = Peer(gguf, args.threads, args.n_ctx, args.flash_attn)
+    peer = Peer(gguf, args.threads, args.n_ctx, args.flash_attn, args.lookup)
     send({"ready": True, "weight_bytes": peer.weight_bytes, "rss_bytes": peer.rss_bytes, "gguf": str(gguf),
           "n_vocab": peer.vocab, "llama_cpp": llama_cpp.__version__})
     for line in sys.stdin:
@@ -250,6 +274,7 @@ def main() -> int:
     s.add_argument("--n-ctx", type=int, default=8192)
     s.add_argument("--pre-tokenizer", default=None)
     s.add_argument("--flash-attn", action="store_true")
+    s.add_argument("--lookup", type=int, default=None, help="prompt-lookup decoding with K draft tokens")
     c = sub.add_parser("convert")
     c.add_argument("checkpoint", type=Path)
     c.add_argument("out", type=Path)

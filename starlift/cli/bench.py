@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--requests", type=int, default=3, help="requests per fim size and for edit")
     g.add_argument("--llama-cpp-flash-attn", action="store_true",
                    help="llama.cpp with flash attention (default: off)")
+    g.add_argument("--speculative", choices=["prompt-lookup"], default=None,
+                   help="also run each artifact with this speculative decoding (rows side by side with plain)")
+    g.add_argument("--draft-tokens", type=int, default=8, help="with --speculative: draft tokens per step")
+    g.add_argument("--llama-cpp-lookup", type=int, default=None, metavar="K",
+                   help="also run each llama.cpp quant with llama-cpp-python's prompt-lookup decoding, K draft tokens")
     p.add_argument("--json", default=None, help="write the report here (default: only the table is printed)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (matplotlib; default: no chart)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
@@ -85,7 +90,8 @@ def _latency(args: argparse.Namespace) -> int:
                          fim_prefixes=_ints(args.fim_prefix, "--fim-prefix"), fim_suffix=args.fim_suffix,
                          fim_new=args.fim_new_tokens, edit_tokens=args.edit_tokens, edit_new=args.edit_new_tokens,
                          requests_per_size=args.requests, reps=args.reps, threads=args.threads,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, speculative=args.speculative, draft_tokens=args.draft_tokens,
+                         llama_cpp_lookup=args.llama_cpp_lookup)
     print(latency.format_table(report))
     if args.json:
         with open(args.json, "w") as f:

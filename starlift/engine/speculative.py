@@ -42,31 +42,41 @@ def check_method(method, draft_tokens) -> None:
 class PromptLookup:
     """N-gram index over one request's tokens (prompt, then output as it grows).
 
-    ``index[n][ngram]`` is the end of the n-gram's most recent occurrence that has a token after
-    it; updated in O(MAX_NGRAM) per appended token, so a lookup costs the same at any length."""
+    ``last[n][ngram]`` / ``first[n][ngram]`` are the ends of the n-gram's most recent and first
+    occurrences that have a token after them; updated in O(MAX_NGRAM) per appended token, so a
+    lookup costs the same at any length. The most recent occurrence is the likeliest to go on
+    as the text does now (the copy of the file being re-emitted); when too few tokens follow it
+    (a run of one token or a short cycle: the occurrence just before the current one), the
+    first occurrence, which has the longest continuation."""
 
     def __init__(self, prompt: list[int], max_ngram: int = MAX_NGRAM):
         self.tokens: list[int] = []
         self.max_ngram = max_ngram
-        self.index: list[dict] = [{} for _ in range(max_ngram + 1)]
+        self.last: list[dict] = [{} for _ in range(max_ngram + 1)]
+        self.first: list[dict] = [{} for _ in range(max_ngram + 1)]
         self.extend(prompt)
 
     def extend(self, tokens) -> None:
-        seq, index = self.tokens, self.index
+        seq, last, first = self.tokens, self.last, self.first
         for t in tokens:
             end = len(seq) - 1  # the n-grams ending here get a continuation now
             for n in range(1, self.max_ngram + 1):
                 if end - n + 1 < 0:
                     break
-                index[n][tuple(seq[end - n + 1:end + 1])] = end
+                key = tuple(seq[end - n + 1:end + 1])
+                last[n][key] = end
+                first[n].setdefault(key, end)
             seq.append(int(t))
 
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the longest suffix n-gram's latest earlier occurrence."""
         seq = self.tokens
         for n in range(min(self.max_ngram, len(seq)), 0, -1):
-            end = self.index[n].get(tuple(seq[-n:]))
+            key = tuple(seq[-n:])
+            end = self.last[n].get(key)
             if end is not None:
+                if len(seq) - end - 1 < k:
+                    end = self.first[n][key]
                 return seq[end + 1:end + 1 + k]
         return []
 
