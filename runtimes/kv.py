@@ -141,6 +141,7 @@ class ConcatBatch(KVCache):
         return logits[0] if all_logits else logits[0, -1]
 
     def join(self, seq) -> None:
+        self._junk = None  # a membership change: a failed speculative step's padding is not ours to drop
         past, length = self._pending.pop(seq)
         if not self.rows:
             self._past, self._width = past, length
@@ -221,6 +222,7 @@ class ConcatBatch(KVCache):
     def remove(self, seq) -> None:
         if self._pending.pop(seq, None) is not None:
             return
+        self._junk = None
         i = self.rows.index(seq)
         del self.rows[i]
         if not self.rows:

@@ -143,8 +143,9 @@ def test_nano_copies_in_long_drafts(nano_ort):
         steps = engine.stats()["steps"]
         fast = engine.submit(ids, SamplingParams(max_new_tokens=60, ignore_eos=True, **SPEC)).wait()
         assert 0 < fast.accepted_tokens < fast.draft_tokens
-        # 59 decoded tokens: one model call fewer per accepted draft token
-        assert engine.stats()["steps"] - steps == 59 - fast.accepted_tokens
+        # 59 decoded tokens: one model call fewer per accepted draft token (the last step adds no
+        # token of the model's own when max tokens ends it inside the draft)
+        assert 59 - fast.accepted_tokens <= engine.stats()["steps"] - steps <= 60 - fast.accepted_tokens
         assert engine.stats()["acceptance_rate"] > 0
         expected = gen.generate(prompt, max_new_tokens=24)
     exe = Path(sys.executable).with_name("starlift")
