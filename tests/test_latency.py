@@ -60,6 +60,20 @@ def test_latency_workload_runs_generation(nano_ort, tmp_path):
     assert "fim 96" in latency.format_table(report)
 
 
+def test_latency_workload_speculative_rows(nano_ort):
+    """--speculative adds a row per artifact beside the plain one: same greedy tokens, a decode
+    ratio against plain, the acceptance rate."""
+    report = latency.run([str(nano_ort)], ["onnxruntime"], None, ttft_lens=(32,), fim_prefixes=(64,), fim_suffix=16,
+                         fim_new=6, edit_tokens=96, edit_new=12, requests_per_size=1, reps=1, threads=1,
+                         progress=False, speculative="prompt-lookup", draft_tokens=4)
+    spec = [r for r in report["results"] if r["row"].endswith("prompt-lookup 4")]
+    assert [r["workload"] for r in spec] == ["ttft 32", "fim 64", "edit"]
+    for r in spec[1:]:
+        assert r["speculative"]["decode_vs_plain"] > 0 and 0 <= r["speculative"]["acceptance"] <= 1
+    assert set(report["checks"]["greedy_agreement"].values()) == {1.0}  # exact: the plain row's tokens
+    assert "x plain (acceptance" in latency.format_table(report)
+
+
 # --- llama.cpp: its own venv (`make llama-cpp`), driven in a subprocess --------------------------------------
 
 def _llama_dir() -> Path:
@@ -89,6 +103,13 @@ def test_llama_cpp_peer_converts_nano_and_agrees_with_starlift(nano_ort, tmp_pat
         assert 0 < out["ttft_s"] < out["total_s"]
     finally:
         peer.deactivate()
+    lookup = LlamaCppPeer(folder, resolve_checkpoint("starcoder2-nano"), "f32", tmp_path / "gguf", threads=1,
+                          n_ctx=512, lookup=4)  # llama-cpp-python's own prompt-lookup decoding
+    try:
+        lookup.activate()
+        assert lookup.complete(ids, 12)["tokens"] == expected
+    finally:
+        lookup.deactivate()
     q8 = LlamaCppPeer(folder, resolve_checkpoint("starcoder2-nano"), "q8_0", tmp_path / "gguf", threads=1, n_ctx=512)
     try:
         q8.activate()

@@ -139,6 +139,7 @@ class _Request:
         # prompt-lookup speculative decoding: the n-gram index, drafts proposed and accepted
         self.lookup = PromptLookup(prompt) if params.speculative == "prompt-lookup" else None
         self.drafted = self.accepted = 0
+        self.draft_len = params.draft_tokens  # adapted: +2 after a fully accepted draft, -1 after a rejection
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancel_requested = False
@@ -617,7 +618,7 @@ class Engine:
             if request.lookup is not None:
                 # room: no more drafts than tokens left to make (the last one accepted ends it by
                 # length), and the last token with the draft within the context
-                k = min(request.params.draft_tokens, request.params.max_new_tokens - request.generated)
+                k = min(request.draft_len, request.params.max_new_tokens - request.generated)
                 if self.context:
                     k = min(k, self.context - cache.length(request) - 1)
                 if k > 0:
@@ -667,6 +668,9 @@ class Engine:
                 if j >= len(block):  # the rest of the draft was not fed yet (the slot pool's two calls)
                     block = extend(i)
             drops[request] = fed[i] - (j + 1)
+            if draft:  # transformers' schedule for assistant models: longer drafts while they are kept
+                request.draft_len = (min(request.params.draft_tokens, request.draft_len + 2) if j >= len(draft)
+                                     else max(1, request.draft_len - 1))
         cache.rollback(drops)
 
     def _emit(self, request: _Request, token: int, logits: np.ndarray, now: float) -> bool:
