@@ -72,6 +72,22 @@ def nano_ort(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def engine_artifacts(tmp_path_factory) -> Path:
+    """test_engine's tiny checkpoint (character tokenizer, window 16, context 2048) in ``ckpt``
+    and its exports in ``ort`` and ``portable``, made once for the engine and speculative
+    decoding tests. Read-only: a test that changes one copies it first."""
+    from starlift.export import export_checkpoint
+    from tests.test_engine import CONTEXT, write_char_tokenizer
+
+    root = tmp_path_factory.mktemp("engine")
+    ckpt = write_hf_checkpoint(root / "ckpt", seed=6, initializer_range=0.5, max_position_embeddings=CONTEXT)
+    write_char_tokenizer(ckpt / "tokenizer.json")
+    for flavour in ("ort", "portable"):
+        export_checkpoint(ckpt, root / flavour, flavour=flavour, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 

@@ -18,10 +18,8 @@ import pytest
 
 from starlift.core.errors import QueueFullError, UsageError
 from starlift.engine import Engine, SamplingParams
-from starlift.export import export_checkpoint
 from starlift.model.tokenizer import Tokenizer
 from starlift.runtimes import create_runner
-from tests.conftest import write_hf_checkpoint
 
 SPECIAL = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<file_sep>"]
 CHARS = [chr(c) for c in range(32, 127) if chr(c) not in "`~"] + ["\n"]  # 94 + 5 specials = vocab 99
@@ -50,19 +48,13 @@ def write_char_tokenizer(path) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    ckpt = write_hf_checkpoint(tmp_path_factory.mktemp("engine") / "ckpt", seed=6, initializer_range=0.5,
-                               max_position_embeddings=CONTEXT)
-    write_char_tokenizer(ckpt / "tokenizer.json")
-    return ckpt
+def checkpoint(engine_artifacts):
+    return engine_artifacts / "ckpt"
 
 
 @pytest.fixture(scope="module")
-def artifacts(checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine-artifacts")
-    for flavour in ("ort", "portable"):
-        export_checkpoint(checkpoint, root / flavour, flavour=flavour, progress=False)
-    return root
+def artifacts(engine_artifacts):
+    return engine_artifacts  # ort/ and portable/ (conftest: shared with test_speculative)
 
 
 @pytest.fixture(scope="module")

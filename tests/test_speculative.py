@@ -20,30 +20,21 @@ import pytest
 from starlift.core.errors import UsageError
 from starlift.engine import Engine, SamplingParams
 from starlift.engine.speculative import PromptLookup
-from starlift.export import export_checkpoint
 from starlift.model.tokenizer import Tokenizer
 from starlift.runtimes import create_runner
-from tests.conftest import write_hf_checkpoint
-from tests.test_engine import CONTEXT, write_char_tokenizer
 
 BACKENDS = [("onnxruntime", "ort", "slots"), ("onnxruntime", "portable", "concat"), ("openvino", "portable", "concat")]
 SPEC = {"speculative": "prompt-lookup", "draft_tokens": 5}
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    ckpt = write_hf_checkpoint(tmp_path_factory.mktemp("spec") / "ckpt", seed=6, initializer_range=0.5,
-                               max_position_embeddings=CONTEXT)
-    write_char_tokenizer(ckpt / "tokenizer.json")
-    return ckpt
+def checkpoint(engine_artifacts):
+    return engine_artifacts / "ckpt"
 
 
 @pytest.fixture(scope="module")
-def artifacts(checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec-artifacts")
-    for flavour in ("ort", "portable"):
-        export_checkpoint(checkpoint, root / flavour, flavour=flavour, progress=False)
-    return root
+def artifacts(engine_artifacts):
+    return engine_artifacts  # test_engine's exports (conftest), read-only
 
 
 @pytest.fixture(scope="module")
