@@ -231,6 +231,21 @@ def test_prompt_lists_token_ids_and_logprobs(client, gen):
     assert extra["top_token_ids"][0][0] == ref.token_id  # greedy picks the best
 
 
+def test_speculative_fields_pass_through(server, client, gen):
+    """starlift's speculative / draft_tokens fields reach the engine: the same greedy text, and
+    a bad value answers 400."""
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                  extra_body={"speculative": "prompt-lookup", "draft_tokens": 4})
+    assert r.choices[0].text == gen.generate(PROMPT, max_new_tokens=24)
+    prefix, suffix = "def square(x):\n    return ", "\n"
+    body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 12, "temperature": 0,
+            "speculative": "prompt-lookup"}
+    assert httpx.post(f"{server.url}/infill", json=body, timeout=60).json()["content"] == \
+        gen.fim(prefix, suffix, max_new_tokens=12)
+    bad = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "speculative": "medusa"}, timeout=30)
+    assert bad.status_code == 400 and "speculative" in bad.json()["error"]["message"]
+
+
 def test_infill_in_llama_cpp_shape(server, gen):
     prefix, suffix = "def square(x):\n    return ", "\n"
     body = {"input_prefix": prefix, "input_suffix": suffix, "n_predict": 12, "temperature": 0}

@@ -447,7 +447,8 @@ def create_app(generator, *, model_name: str = "starlift", api_key: str | None =
                 params = server.params(max_new_tokens=max_tokens, temperature=body.temperature,
                                        top_p=body.top_p, top_k=body.top_k,
                                        repetition_penalty=body.repetition_penalty,
-                                       seed=None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos)
+                                       seed=None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
+                                       **_speculative(body))
                 jobs.append((ids, params, {"stop": body.stop or [], "fim": fim, "logprobs": body.logprobs}))
         handles = server.submit(jobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -525,7 +526,8 @@ def create_app(generator, *, model_name: str = "starlift", api_key: str | None =
         for j in range(body.n):
             params = server.params(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                    top_k=body.top_k, repetition_penalty=body.repetition_penalty,
-                                   seed=None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos)
+                                   seed=None if body.seed is None else body.seed + j, ignore_eos=body.ignore_eos,
+                                       **_speculative(body))
             jobs.append((ids, params, {"stop": body.stop or [], "logprobs": top}))
         handles = server.submit(jobs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -598,7 +600,8 @@ def create_app(generator, *, model_name: str = "starlift", api_key: str | None =
         params = server.params(rename, max_new_tokens=n_predict, temperature=body.temperature,
                                top_k=body.top_k or None, top_p=body.top_p,
                                repetition_penalty=None if body.repeat_penalty == 1.0 else body.repeat_penalty,
-                               seed=None if body.seed < 0 else body.seed, ignore_eos=body.ignore_eos)
+                               seed=None if body.seed < 0 else body.seed, ignore_eos=body.ignore_eos,
+                               **_speculative(body))
         handles = server.submit([(ids, params, {"stop": body.stop, "fim": True})], rename)
         handle = handles[0]
 
@@ -717,3 +720,11 @@ class _CountRequests:
             await self.app(scope, receive, counting_send)
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+def _speculative(body) -> dict:
+    """The request's speculative decoding fields, for SamplingParams (which checks them: 400)."""
+    out = {"speculative": body.speculative}
+    if body.draft_tokens is not None:
+        out["draft_tokens"] = body.draft_tokens
+    return out

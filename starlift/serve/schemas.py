@@ -4,7 +4,8 @@ Fields follow OpenAI's legacy completions and chat completions, and llama.cpp's 
 Unknown fields are ignored, as OpenAI's clients send some the server need not know; fields the
 server knows but cannot honour (``echo``, non-zero penalties, ``logit_bias``) answer 400 naming
 the field instead of being silently dropped. Extensions (vLLM's names): ``top_k``,
-``repetition_penalty``, ``ignore_eos``.
+``repetition_penalty``, ``ignore_eos``; starlift's ``speculative`` ("prompt-lookup") and
+``draft_tokens`` (see docs/guide/speculative.md).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     ignore_eos: bool = False
+    speculative: str | None = None  # starlift: "prompt-lookup" speculative decoding (SamplingParams checks it)
+    draft_tokens: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -156,6 +159,8 @@ class InfillRequest(_Body):
     stop: list[str] = []
     stream: bool = False
     ignore_eos: bool = False
+    speculative: str | None = None  # starlift: "prompt-lookup" speculative decoding
+    draft_tokens: int | None = None
 
     @field_validator("n_predict")
     @classmethod
