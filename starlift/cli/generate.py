@@ -73,21 +73,22 @@ def main(args: argparse.Namespace) -> int:
     SamplingParams(**{k: v for k, v in sampling.items() if k != "truncate"})  # bad values fail before loading
     gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify,
                         public_key=args.public_key, **options)
-    if args.fim_prefix is not None:
-        print(gen.fim(args.fim_prefix, args.fim_suffix, stop=args.stop, **sampling))
+    with gen:  # the engine thread and the session end here, also on Ctrl-C
+        if args.fim_prefix is not None:
+            print(gen.fim(args.fim_prefix, args.fim_suffix, stop=args.stop, **sampling))
+            return 0
+        prompts = [args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)] \
+            if not args.interactive else None
+        if args.interactive:
+            print(f"starlift {gen.backend}: one prompt per line (\\n for newlines), Ctrl-D to quit", file=sys.stderr)
+            prompts = (line.rstrip("\n").replace("\\n", "\n") for line in sys.stdin)
+        for prompt in prompts:
+            if not prompt and args.interactive:
+                continue  # a blank line in interactive mode
+            if args.stream or args.interactive:
+                for piece in gen.stream(prompt, stop=args.stop, **sampling):
+                    print(piece, end="", flush=True)
+                print()
+            else:
+                print(gen.generate(prompt, stop=args.stop, **sampling))
         return 0
-    prompts = [args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)] \
-        if not args.interactive else None
-    if args.interactive:
-        print(f"starlift {gen.backend}: one prompt per line (\\n for newlines), Ctrl-D to quit", file=sys.stderr)
-        prompts = (line.rstrip("\n").replace("\\n", "\n") for line in sys.stdin)
-    for prompt in prompts:
-        if not prompt and args.interactive:
-            continue  # a blank line in interactive mode
-        if args.stream or args.interactive:
-            for piece in gen.stream(prompt, stop=args.stop, **sampling):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            print(gen.generate(prompt, stop=args.stop, **sampling))
-    return 0
