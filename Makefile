@@ -24,9 +24,16 @@ test: $(VENV)/bin/python optimum-venv
 		$(VENV)/bin/python -m pytest -q --durations=15
 
 # The documentation site (MkDocs + mkdocstrings), warnings as errors: into site/.
-docs: $(VENV)/bin/python
-	$(PIP) install -q $(TORCH) -e ".[docs]"
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+# Its own venv with a regular (not editable) install: griffe follows an editable install's finder
+# back to the repository's stage folders, where starlift.runtimes & co. are not a package tree.
+# The core install is enough (the CLI reference reads the parsers; no torch).
+DOCS_VENV ?= .venv-docs
+
+docs:
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install -q --upgrade pip
+	$(DOCS_VENV)/bin/pip install -q ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict
 
 # The floors pyproject.toml declares, made true: a venv with the oldest allowed versions
 # (ci/floors.txt, as pip constraints) runs the export, quantize and runtime tests.
