@@ -33,6 +33,9 @@ docs:
 	$(PYTHON) -m venv $(DOCS_VENV)
 	$(DOCS_VENV)/bin/pip install -q --upgrade pip
 	$(DOCS_VENV)/bin/pip install -q ".[docs]"
+	# mkdocstrings globs its `paths` when it starts: on a clean clone build/docs-src must exist by
+	# then or it falls back to the repository root (no starlift.runtimes there); the hook fills it.
+	mkdir -p build/docs-src
 	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict
 
 # The floors pyproject.toml declares, made true: a venv with the oldest allowed versions
