@@ -16,7 +16,7 @@ from torch import nn
 from starlift.core.errors import UsageError
 
 from .config import Starcoder2Config
-from .modeling import KV, Starcoder2Model
+from .modeling import KV, OnBody, Starcoder2Model
 
 
 def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -35,7 +35,7 @@ def last_non_pad_index(input_ids: torch.Tensor, pad_token_id: int | None) -> tor
     return (slots * non_pad).argmax(-1)
 
 
-class _Classifier(nn.Module):
+class _Classifier(OnBody):
     def __init__(self, config: Starcoder2Config, architecture: str):
         super().__init__()
         if config.head is None or config.head.architecture != architecture:
@@ -44,17 +44,6 @@ class _Classifier(nn.Module):
         self.model = Starcoder2Model(config)
         self.score = nn.Linear(config.hidden_size, config.head.num_labels, bias=config.head.bias)
         self.eval()  # transformers' token-classification dropout is off at inference
-
-    @property
-    def config(self) -> Starcoder2Config:
-        return self.model.config
-
-    @config.setter
-    def config(self, value: Starcoder2Config) -> None:
-        self.model.config = value
-
-    def empty_past(self, batch: int = 1) -> list[KV]:
-        return self.model.empty_past(batch)
 
 
 class Starcoder2ForSequenceClassification(_Classifier):

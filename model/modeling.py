@@ -177,7 +177,27 @@ class Starcoder2Model(nn.Module):
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.num_hidden_layers)]
 
 
-class Starcoder2(nn.Module):
+class OnBody(nn.Module):
+    """A model whose body is ``self.model`` (a :class:`Starcoder2Model`) with a head on top: the
+    causal LM and the classifiers share the body's config and cache."""
+
+    model: Starcoder2Model
+
+    @property
+    def config(self) -> Starcoder2Config:
+        """The body's config: one object, so replacing it here changes what the body computes."""
+        return self.model.config
+
+    @config.setter
+    def config(self, value: Starcoder2Config) -> None:
+        self.model.config = value
+
+    def empty_past(self, batch: int = 1) -> list[KV]:
+        """A zero-length cache: prefill is a decode step with no past."""
+        return self.model.empty_past(batch)
+
+
+class Starcoder2(OnBody):
     """StarCoder2 causal LM: ``forward(input_ids, attention_mask, position_ids, past) -> (logits, present)``.
 
     ``past``/``present``: one ``(key, value)`` per layer, each (B, G, P, D). ``attention_mask``:
@@ -196,15 +216,6 @@ class Starcoder2(nn.Module):
         self.eval()  # there is no training-only behaviour (dropout) in this module
 
     @property
-    def config(self) -> Starcoder2Config:
-        """The body's config: one object, so replacing it here changes what the body computes."""
-        return self.model.config
-
-    @config.setter
-    def config(self, value: Starcoder2Config) -> None:
-        self.model.config = value
-
-    @property
     def lm_head_weight(self) -> torch.Tensor:
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.weight
@@ -219,7 +230,3 @@ class Starcoder2(nn.Module):
             x = x[:, -logits_to_keep:]  # (B, N, hidden)
         logits = F.linear(x, self.lm_head_weight).float()  # (B, T or N, vocab)
         return logits, present
-
-    def empty_past(self, batch: int = 1) -> list[KV]:
-        """A zero-length cache: prefill is a decode step with no past."""
-        return self.model.empty_past(batch)

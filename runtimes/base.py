@@ -35,20 +35,15 @@ class ModelMeta:
     context: int | None = None
 
 
-class Runner(ABC):
-    """activate / run / deactivate around small ``*_impl`` hooks."""
+class Lifecycle(ABC):
+    """activate() / deactivate() and the with-block, shared by decoder and classifier runners:
+    ``_load()`` runs once on activation, ``_deactivate_impl()`` once on deactivation."""
 
-    name = "runner"
+    is_active = False
 
-    def __init__(self) -> None:
-        self.is_active = False
-        self.meta: ModelMeta | None = None
-
-    # ---- lifecycle ------------------------------------------------------------------------
-    def activate(self) -> Runner:
+    def activate(self):
         if not self.is_active:
-            self._activate_impl()
-            self.meta = self._read_metadata_impl()
+            self._load()
             self.is_active = True
         return self
 
@@ -57,11 +52,31 @@ class Runner(ABC):
             self._deactivate_impl()
             self.is_active = False
 
-    def __enter__(self) -> Runner:
+    def __enter__(self):
         return self.activate()
 
     def __exit__(self, *exc) -> None:
         self.deactivate()
+
+    @abstractmethod
+    def _load(self) -> None: ...
+
+    def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        return None
+
+
+class Runner(Lifecycle):
+    """activate / run / deactivate around small ``*_impl`` hooks."""
+
+    name = "runner"
+
+    def __init__(self) -> None:
+        self.is_active = False
+        self.meta: ModelMeta | None = None
+
+    def _load(self) -> None:
+        self._activate_impl()
+        self.meta = self._read_metadata_impl()
 
     # ---- the model as a function ----------------------------------------------------------
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
@@ -143,9 +158,6 @@ class Runner(ABC):
     @abstractmethod
     def _run_impl(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                   past: Past, logits_to_keep: int = 0) -> tuple[np.ndarray, Past]: ...
-
-    def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
-        return None
 
 
 def check_logits_to_keep(logits_to_keep) -> int:

@@ -12,13 +12,17 @@ rows may be padded on either side.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from starlift.core.errors import StarliftError, UsageError
+from starlift.core.extras import require
+
+from .base import Lifecycle
+from .openvino_runner import PRECISIONS, compile_model, port_shape
 
 HEAD_TASKS = ("text-classification", "token-classification")
 
@@ -51,7 +55,7 @@ class HeadInfo:
                    config.vocab_size, config.max_position_embeddings)
 
 
-class ClassifierRunner(ABC):
+class ClassifierRunner(Lifecycle):
     name = "classifier"
 
     def __init__(self, folder: str | Path):
@@ -59,23 +63,9 @@ class ClassifierRunner(ABC):
         self.info: HeadInfo | None = None
         self.is_active = False
 
-    def activate(self) -> ClassifierRunner:
-        if not self.is_active:
-            self.info = HeadInfo.from_folder(self.folder)
-            self._activate_impl()
-            self.is_active = True
-        return self
-
-    def deactivate(self) -> None:
-        if self.is_active:
-            self._deactivate_impl()
-            self.is_active = False
-
-    def __enter__(self) -> ClassifierRunner:
-        return self.activate()
-
-    def __exit__(self, *exc) -> None:
-        self.deactivate()
+    def _load(self) -> None:
+        self.info = HeadInfo.from_folder(self.folder)
+        self._activate_impl()
 
     def infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """float32 logits: (B, labels) for sequence classification, (B, T, labels) for tokens."""
@@ -112,9 +102,6 @@ class ClassifierRunner(ABC):
 
     @abstractmethod
     def _infer_impl(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
-
-    def _deactivate_impl(self) -> None:  # noqa: B027 - optional hook
-        return None
 
     def _check_io(self, inputs: list[str], outputs: dict[str, tuple]) -> None:
         if sorted(inputs) != ["attention_mask", "input_ids"] or "logits" not in outputs:
@@ -174,33 +161,19 @@ class OpenVinoClassifier(ClassifierRunner):
 
     def __init__(self, folder, device: str = "CPU", precision: str = "f32", threads: int | None = None):
         super().__init__(folder)
-        from .openvino_runner import PRECISIONS
 
         if precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device, self.precision, self.threads = device, PRECISIONS[precision], threads
 
     def _activate_impl(self) -> None:
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise StarliftError("the openvino backend needs the openvino package: pip install 'starlift[openvino]'") from e
+        require("openvino", purpose="the openvino backend")
+        import openvino as ov
+
         core = ov.Core()
         model = core.read_model(str(self.folder / "model.onnx"))
-
-        def shape(port):
-            return tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-
-        self._check_io([p.get_any_name() for p in model.inputs], {p.get_any_name(): shape(p) for p in model.outputs})
-        config = {"INFERENCE_PRECISION_HINT": self.precision}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = self.threads
-        try:
-            self.compiled = core.compile_model(model, self.device, config)
-        except RuntimeError as e:
-            raise StarliftError(f"OpenVINO cannot compile {self.folder / 'model.onnx'} "
-                                f"({str(e).strip().splitlines()[0]}); it runs the portable flavour: export with "
-                                "--flavour portable") from e
+        self._check_io([p.get_any_name() for p in model.inputs], {p.get_any_name(): port_shape(p) for p in model.outputs})
+        self.compiled = compile_model(core, model, self.device, self.precision, self.threads, self.folder / "model.onnx")
         self.request = self.compiled.create_infer_request()
 
     def _infer_impl(self, input_ids, attention_mask):

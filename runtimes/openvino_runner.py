@@ -21,6 +21,24 @@ from .onnx_metadata import artifact_context, kv_inputs_from_names
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
 
 
+def port_shape(port) -> tuple:
+    """An OpenVINO port's shape, None for each dynamic dimension."""
+    return tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+
+
+def compile_model(core, model, device: str, precision: str, threads: int | None, source: Path):
+    """Compile a model read by ``core`` for ``device`` with an explicit precision hint (never the
+    CPU's bf16 default); a graph OpenVINO cannot compile gets an error naming the flavour it runs."""
+    config = {"INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        return core.compile_model(model, device, config)
+    except RuntimeError as e:
+        raise StarliftError(f"OpenVINO cannot compile {source} ({str(e).strip().splitlines()[0]}); it runs the "
+                            "portable flavour: export with --flavour portable") from e
+
+
 class OpenVinoRunner(Runner):
     name = "openvino"
 
@@ -37,25 +55,15 @@ class OpenVinoRunner(Runner):
         core = ov.Core()
         model = core.read_model(str(self.model_path))
         self._has_keep = _feedable_logits_to_keep(model)
-        config = {"INFERENCE_PRECISION_HINT": self.precision}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = self.threads
-        try:
-            self.compiled = core.compile_model(model, self.device, config)
-        except RuntimeError as e:
-            raise StarliftError(f"OpenVINO cannot compile {self.model_path} ({str(e).strip().splitlines()[0]}); "
-                                "it runs the portable flavour: export with --flavour portable") from e
+        self.compiled = compile_model(core, model, self.device, self.precision, self.threads, self.model_path)
         self.model = model
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
 
     def _read_metadata_impl(self) -> ModelMeta:
-        def shape(port):
-            return tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-
         # every name of every port: a port may carry several (bf16 graphs name logits "logits" and "linear_N")
-        inputs = {n: shape(p) for p in self.model.inputs for n in p.get_names()}
-        outputs = {n: shape(p) for p in self.model.outputs for n in p.get_names()}
+        inputs = {n: port_shape(p) for p in self.model.inputs for n in p.get_names()}
+        outputs = {n: port_shape(p) for p in self.model.outputs for n in p.get_names()}
         layers, kv_heads, head_dim = kv_inputs_from_names(inputs)
         kv_port = next(p for p in self.model.inputs if p.get_any_name().startswith("past_key_values."))
         kv_type = kv_port.get_element_type().get_type_name()

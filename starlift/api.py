@@ -44,6 +44,29 @@ def artifact_task(folder: Path) -> str:
 ENGINE_OPTIONS = ("max_batch", "max_queue", "prefill_chunk")
 
 
+
+def _model_folder(path, backend: str, needs_artifact: bool, verify_artifact, public_key) -> Path:
+    """The folder a runner loads: an artifact, verified (and signature-checked with a key) before
+    any byte of the model is read, or a checkpoint for the backends that run one."""
+    if is_artifact(path):
+        folder = Path(path)
+        if backend == "torch":
+            raise UsageError(f"{folder} is an ONNX artifact; the torch backend runs a checkpoint folder "
+                             "(the one the artifact was exported from)")
+        if verify_artifact not in (True, False, "full"):
+            raise UsageError(f"verify_artifact must be True, False or 'full', got {verify_artifact!r}")
+        if public_key is not None or verify_artifact:
+            verify(folder, check_onnx=False, public_key=public_key, fast=verify_artifact is True)
+        return folder
+    if public_key is not None:
+        raise UsageError(f"{path} is not a starlift artifact (no manifest.json), so it carries no signature to "
+                         "check against the public key; export it and sign the artifact")
+    folder = resolve_checkpoint(path)  # first: a path that is neither gets the checkpoint loader's error
+    if needs_artifact:
+        raise UsageError(f"{path} is a checkpoint, not an exported artifact; the {backend} backend needs one: "
+                         f"run `starlift export {path} OUT` and load OUT, or use backend='torch'")
+    return folder
+
 def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool | str = True,
          public_key: str | Path | None = None, **options) -> Generator:
     """A Generator for an artifact folder (ONNX backends) or a checkpoint folder / bundled name /
@@ -61,23 +84,7 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
-    if is_artifact(path):
-        folder = Path(path)
-        if backend == "torch":
-            raise UsageError(f"{folder} is an ONNX artifact; the torch backend runs a checkpoint folder "
-                             "(the one the artifact was exported from)")
-        if verify_artifact not in (True, False, "full"):
-            raise UsageError(f"verify_artifact must be True, False or 'full', got {verify_artifact!r}")
-        if public_key is not None or verify_artifact:
-            verify(folder, check_onnx=False, public_key=public_key, fast=verify_artifact is True)
-    else:
-        if public_key is not None:
-            raise UsageError(f"{path} is not a starlift artifact (no manifest.json), so it carries no signature to "
-                             "check against the public key; export it and sign the artifact")
-        folder = resolve_checkpoint(path)
-        if BACKENDS[backend][2]:
-            raise UsageError(f"{path} is a checkpoint, not an exported artifact; the {backend} backend needs one: "
-                             f"run `starlift export {path} OUT` and load OUT, or use backend='torch'")
+    folder = _model_folder(path, backend, BACKENDS[backend][2], verify_artifact, public_key)
     task = artifact_task(folder)
     if task != "text-generation":
         raise UsageError(f"{path} is a {task} model, not a text generator: use starlift.pipeline({task!r}, "
@@ -114,7 +121,7 @@ _PIPELINE_KWARGS = {"text-classification": ("top_k", "function_to_apply", "trunc
                     "token-classification": ("aggregation_strategy", "ignore_labels", "truncation")}
 
 
-def load_classifier(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool = True,
+def load_classifier(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: bool | str = True,
                     public_key: str | Path | None = None, batch_size: int = 8, **options):
     """A :class:`starlift.engine.classification.Classifier` for a classification artifact (ONNX
     backends) or checkpoint (``backend="torch"``), verified and signature-checked as ``load`` does;
@@ -125,23 +132,7 @@ def load_classifier(path: str | Path, backend: str = "onnxruntime", *, verify_ar
     if backend not in CLASSIFIER_BACKENDS:
         raise UsageError(f"backend {backend!r} has no classifier runner; classifier backends: "
                          f"{', '.join(CLASSIFIER_BACKENDS)}")
-    if is_artifact(path):
-        folder = Path(path)
-        if backend == "torch":
-            raise UsageError(f"{folder} is an ONNX artifact; the torch backend runs a checkpoint folder "
-                             "(the one the artifact was exported from)")
-        if public_key is not None:
-            verify(folder, check_onnx=False, public_key=public_key)
-        elif verify_artifact:
-            verify(folder, check_onnx=False)
-    else:
-        if public_key is not None:
-            raise UsageError(f"{path} is not a starlift artifact (no manifest.json), so it carries no signature to "
-                             "check against the public key; export it and sign the artifact")
-        folder = resolve_checkpoint(path)
-        if CLASSIFIER_BACKENDS[backend][1]:
-            raise UsageError(f"{path} is a checkpoint, not an exported artifact; the {backend} backend needs one: "
-                             f"run `starlift export {path} OUT` and load OUT, or use backend='torch'")
+    folder = _model_folder(path, backend, CLASSIFIER_BACKENDS[backend][1], verify_artifact, public_key)
     tokenizer = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
     return Classifier(create_classifier(backend, folder, **options), tokenizer, batch_size=batch_size)
 
