@@ -131,7 +131,8 @@ def test_interrupted_generate_says_only_that(nano_ort):
         assert "one prompt per line" in banner
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # stdin still open: Ctrl-C itself must end the blocking read, not an EOF
+        _, err = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
