@@ -41,7 +41,7 @@ def artifact_task(folder: Path) -> str:
     return Starcoder2Config.from_hf(folder).task
 
 
-ENGINE_OPTIONS = ("max_batch", "max_queue", "prefill_chunk")
+ENGINE_OPTIONS = ("max_batch", "max_queue", "prefill_chunk", "prefill_budget")
 
 
 
@@ -78,7 +78,7 @@ def load(path: str | Path, backend: str = "onnxruntime", *, verify_artifact: boo
     ``verify_artifact="full"`` hashes every byte anyway, ``False`` skips the check: a corrupted
     weight file then runs without any error. ``public_key`` (a trusted signer's public key file,
     or a folder of them) also requires a valid signature over the manifest, checked before any
-    byte of the model is read. ``max_batch``, ``max_queue`` and ``prefill_chunk`` go to the engine
+    byte of the model is read. ``max_batch``, ``max_queue``, ``prefill_chunk`` and ``prefill_budget`` go to the engine
     (see docs/guide/engine.md); the other ``options`` go to the runner (e.g. ``threads``,
     ``providers``, ``precision``).
     """

@@ -138,6 +138,30 @@ def test_greedy_batch_equals_alone(runner, tokenizer):
         assert g == e, f"request {i} (prompt {lengths[i]} tokens) differs in the batch"
 
 
+def test_prefill_budget_feeds_a_burst_in_one_iteration(ort_runner, tokenizer):
+    """prefill_budget: a burst of short prompts is prefilled in the first iteration (each request
+    at most prefill_chunk tokens of it), without decode steps between; the default feeds one
+    request's chunk per iteration. Greedy output equals each request alone either way."""
+    prompts = [prompt_of(n, seed=20 + i) for i, n in enumerate((10, 12, 9, 30))]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = [alone(ort_runner, tokenizer, p, params)[0] for p in prompts]
+    firsts = {}
+    for budget in (None, 64):
+        with Engine(ort_runner, tokenizer, eos_token_id=0, max_batch=4, prefill_chunk=16, prefill_budget=budget,
+                    trace=True) as engine:
+            engine.start()
+            with engine._cond:  # the loop takes the whole burst in its first hand-over
+                handles = [engine.submit(p, params) for p in prompts]
+            assert [h.wait().token_ids for h in handles] == expected
+            firsts[budget] = engine.trace[0], engine.stats()["prefill_chunks"]
+    # trace: (start, end, decoded rows, prefill tokens, prefill calls, runtime seconds)
+    assert firsts[None][0][2:5] == (0, 16, 2)  # the default: 16 tokens, the second prompt's first 6
+    assert firsts[64][0][2:5] == (0, 10 + 12 + 9 + 16, 4)
+    assert firsts[64][1] == 5  # the 30-token prompt still goes in chunks of at most 16: 1 + 1 + 1 + 2
+    with pytest.raises(UsageError, match="prefill_budget"):
+        Engine(ort_runner, max_batch=2, prefill_budget=0)
+
+
 def test_events_text_and_logprobs(ort_runner, tokenizer):
     """Events join to the final text; a stop string is never emitted; logprobs are the raw
     logits' log_softmax, the same as a teacher-forced pass."""

@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a row; beyond that the answer is 429 with Retry-After")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens fed between two decode steps")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="prompt tokens fed between two decode steps over all requests, each at most --prefill-chunk "
+                        "(default: --prefill-chunk, one request's chunk per step); larger: a burst of short prompts "
+                        "is prefilled without decode steps between them")
     p.add_argument("--api-key", default=os.environ.get("STARLIFT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 and /infill (default: $STARLIFT_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the folder name)")
@@ -45,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("max_concurrency", "max_queue", "prefill_chunk", "port", "threads"):
+    for name in ("max_concurrency", "max_queue", "prefill_chunk", "prefill_budget", "port", "threads"):
         value = getattr(args, name)
         low = 0 if name in ("max_queue", "port") else 1
         if value is not None and value < low:
@@ -99,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
         options = {"max_batch": args.max_concurrency, "max_queue": args.max_queue, **runner_options}
         if args.prefill_chunk:
             options["prefill_chunk"] = args.prefill_chunk
+        if args.prefill_budget:
+            options["prefill_budget"] = args.prefill_budget
         gen = starlift.load(args.artifact, backend=args.backend, verify_artifact=not args.no_verify,
                             public_key=args.public_key, **options)
         close, backend = gen.close, gen.backend

@@ -288,12 +288,14 @@ class Scheduler:
     """Decides, between steps, which requests run and how many prompt tokens each feeds.
 
     Requests wait in FIFO order until a cache row is free (``max_batch`` rows); admitted ones
-    are prefilled first come, first served, within ``prefill_chunk`` prompt tokens per
-    iteration; every decoding request gets one token per iteration. It only decides: the
-    engine executes the plan."""
+    are prefilled first come, first served, within ``prefill_budget`` prompt tokens per
+    iteration and at most ``prefill_chunk`` per request (vLLM's ``max_num_batched_tokens`` and
+    ``long_prefill_token_threshold``); every decoding request gets one token per iteration. It
+    only decides: the engine executes the plan."""
 
-    def __init__(self, max_batch: int, prefill_chunk: int):
+    def __init__(self, max_batch: int, prefill_chunk: int, prefill_budget: int | None = None):
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.prefill_budget = prefill_budget or prefill_chunk
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []
         self.decoding: list[_Request] = []
@@ -311,11 +313,11 @@ class Scheduler:
             request = self.waiting.popleft()
             self.prefilling.append(request)
             admitted.append(request)
-        budget, chunks = self.prefill_chunk, []
+        budget, chunks = self.prefill_budget, []
         for request in self.prefilling:
             if budget <= 0:
                 break
-            n = min(budget, len(request.prompt) - request.prefilled)
+            n = min(budget, self.prefill_chunk, len(request.prompt) - request.prefilled)
             chunks.append((request, n))
             budget -= n
         return Plan(admitted, chunks)
@@ -341,13 +343,17 @@ class Engine:
     """Continuous batching over one runner: ``submit`` from any thread, events back per request.
 
     ``max_batch`` sequences share the KV cache (rows); up to ``max_queue`` more wait for a row;
-    ``prefill_chunk`` prompt tokens are fed per iteration between decode steps. ``context``
+    ``prefill_chunk`` prompt tokens are fed per iteration between decode steps; a larger
+    ``prefill_budget`` lets several requests feed a chunk each in one iteration (a burst of
+    short prompts gets its first tokens without a decode step between each two prefills, at
+    the cost of one longer gap for the streams already decoding). ``context``
     defaults to the model's. ``trace=True`` records every iteration's timing (``trace``)."""
 
     def __init__(self, runner, tokenizer=None, eos_token_id: int | None = None, *, max_batch: int = 8,
                  max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, context: int | None = None,
-                 trace: bool = False):
-        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk)):
+                 trace: bool = False, prefill_budget: int | None = None):
+        for name, value in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
+                            ("prefill_budget", prefill_chunk if prefill_budget is None else prefill_budget)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -355,6 +361,7 @@ class Engine:
         self.runner = runner.activate()
         self.tokenizer, self.eos_token_id = tokenizer, eos_token_id
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefill_budget = prefill_budget or prefill_chunk
         self.context = context or runner.meta.context
         self.vocab_size = runner.meta.vocab_size
         self._file_sep = tokenizer.find_token("<file_sep>") if tokenizer is not None else None
@@ -366,7 +373,7 @@ class Engine:
         self._room_waiters = 0  # submit(wait=True) callers waiting for room in the queue
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._scheduler = Scheduler(max_batch, prefill_chunk)
+        self._scheduler = Scheduler(max_batch, prefill_chunk, self.prefill_budget)
         self._cache = None
         self._totals = {"finished": dict.fromkeys(FINISH_REASONS, 0), "prompt_tokens": 0, "generated_tokens": 0,
                         "steps": 0, "prefill_chunks": 0, "draft_tokens": 0, "accepted_tokens": 0}

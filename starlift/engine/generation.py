@@ -31,7 +31,7 @@ class Generator:
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer | None, eos_token_id: int | None,
                  context: int | None = None, source: str | Path | None = None, *, max_batch: int = 8,
-                 max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefill_budget: int | None = None):
         self.runner = runner.activate()
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
@@ -41,7 +41,7 @@ class Generator:
             raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
                              f"{runner.meta.vocab_size}: they do not belong together; use the artifact's tokenizer.json")
         self.engine = Engine(runner, tokenizer, eos_token_id, max_batch=max_batch, max_queue=max_queue,
-                             prefill_chunk=prefill_chunk, context=self.context)
+                             prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, context=self.context)
 
     @property
     def backend(self) -> str:
