@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ TINY_VARIANTS = {
     "untied": dict(tie_word_embeddings=False, hidden_act="gelu", sliding_window=8),
     "gqa4-nobias": dict(num_key_value_heads=1, use_bias=False, sliding_window=5),
 }
+
+
+# Tests send Ctrl-C (SIGINT) to CLI subprocesses and expect it handled. A run started in the
+# background by a non-interactive shell (`nohup ... &`, some CI runners) inherits SIGINT ignored,
+# and an ignored signal stays ignored across exec, so every child would ignore Ctrl-C too (seen:
+# `starlift generate --interactive` never saw it). Handled here, children get the default back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_hf_checkpoint(path: Path, seed: int = 0, tokenizer: Path | None = None, **overrides) -> Path:
