@@ -7,7 +7,6 @@ shows the traceback. SIGTERM is turned into an exception so temporary folders ar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import re
 import signal
@@ -101,20 +100,6 @@ class _Terminated(BaseException):
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by the fault tests via a subprocess
     raise _Terminated()
-
-
-@contextlib.contextmanager
-def signals_stay_with_the_main_thread():
-    """Block SIGINT and SIGTERM while the work inside creates threads (the engine's, the
-    runtime's pools), which inherit the mask, then unblock them here: the kernel then delivers
-    Ctrl-C to the main thread, whose blocking read (stdin) it interrupts at once. Without this,
-    a signal taken by another thread waits for the main thread's read to return."""
-    signals = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # pending signals are delivered here
 
 
 def build_parser() -> argparse.ArgumentParser:

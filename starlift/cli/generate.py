@@ -71,11 +71,8 @@ def main(args: argparse.Namespace) -> int:
     from starlift.engine.generation import SamplingParams
 
     SamplingParams(**{k: v for k, v in sampling.items() if k != "truncate"})  # bad values fail before loading
-    from starlift.cli import signals_stay_with_the_main_thread
-
-    with signals_stay_with_the_main_thread():  # Ctrl-C interrupts the interactive read at once
-        gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify,
-                            public_key=args.public_key, **options)
+    gen = starlift.load(args.path, backend=args.backend, verify_artifact=not args.no_verify,
+                        public_key=args.public_key, **options)
     with gen:  # the engine thread and the session end here, also on Ctrl-C
         if args.fim_prefix is not None:
             print(gen.fim(args.fim_prefix, args.fim_suffix, stop=args.stop, **sampling))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import itertools
-import signal
 import threading
 import time
 import weakref
@@ -522,10 +521,6 @@ class Engine:
 
     # ---- the loop (engine thread) -------------------------------------------------------------
     def _loop(self) -> None:
-        # Python runs signal handlers in the main thread only: leave process signals (Ctrl-C,
-        # SIGTERM) to it, so that its blocking calls are interrupted instead of this thread's.
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         s = self._scheduler
         while True:
             with self._cond:
