@@ -40,10 +40,13 @@ class ServerProcess:
         self.log = log.open("w")
         self.proc = subprocess.Popen([str(EXE), "serve", str(artifact), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._wait_ready(log, 120)
+
+    def _wait_ready(self, log: Path, timeout: float) -> None:
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.url = None
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while self.url is None:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()

@@ -1,5 +1,7 @@
 """``starlift serve ARTIFACT``: an OpenAI-compatible HTTP server on the engine (``starlift[serve]``).
 
+``--ray`` runs the same app as a Ray Serve deployment instead (``starlift.serve.ray_serve``).
+
 Start-up: verify the artifact, load it, warm the engine up, bind, then print one line
 ``starlift serve: ready on http://HOST:PORT ...`` (so ``/health`` answers only once the model
 is ready). SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish within
@@ -44,6 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse the artifact unless it is signed by this public key (KEY.pub) or one in this folder; "
                         "checked before the model is loaded (default: no signature required)")
     p.add_argument("--no-verify", action="store_true", help="skip the artifact's hash check (not recommended)")
+    ray = p.add_argument_group("Ray Serve (starlift[ray]): the same app as a deployment, one engine per replica, "
+                                    "reached through Ray Serve's HTTP proxy on --host/--port")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (see docs/guide/scale-out.md)")
+    how_many = ray.add_mutually_exclusive_group()
+    how_many.add_argument("--replicas", type=int, default=None, help="a fixed number of replicas (default 1)")
+    how_many.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                          help="autoscale between MIN and MAX replicas on ongoing requests (target: "
+                               "--max-concurrency per replica)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0,
+                     help="CPUs Ray reserves per replica (fractions allowed, e.g. 0.5)")
+    ray.add_argument("--address", default=None,
+                     help="the Ray cluster to join (e.g. HEAD:6379 or auto; default: $RAY_ADDRESS, else a private "
+                          "local Ray started for this command)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: warning)")
 
@@ -60,6 +75,24 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--grace-period must be >= 0 seconds, got {args.grace_period}")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
+    if not args.ray:
+        for flag in ("replicas", "autoscale", "address"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs --ray (it configures the Ray Serve deployment)")
+        return
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.cpus_per_replica <= 0:
+        raise UsageError(f"--cpus-per-replica must be > 0, got {args.cpus_per_replica}")
+    if args.autoscale is not None:
+        low, _, high = args.autoscale.partition(":")
+        try:
+            low, high = int(low), int(high)
+        except ValueError:
+            raise UsageError(f"--autoscale takes MIN:MAX replicas (e.g. 1:4), got {args.autoscale!r}") from None
+        if low < 0 or high < 1 or low > high:
+            raise UsageError(f"--autoscale MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1, got {args.autoscale!r}")
+        args.autoscale = (low, high)
 
 
 def _imports():
@@ -73,13 +106,30 @@ def _imports():
     return uvicorn
 
 
+def options_of(args: argparse.Namespace):
+    """The command line as ``ServeOptions`` (the chat template read here, where the command runs)."""
+    from starlift.serve.build import ServeOptions
+
+    return ServeOptions(
+        artifact=str(args.artifact), backend=args.backend, max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
+        threads=args.threads, api_key=args.api_key,
+        served_model_name=args.served_model_name, public_key=args.public_key, verify=not args.no_verify,
+        chat_template=Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None)
+
+
 def main(args: argparse.Namespace) -> int:
     _check(args)
+    if args.ray:
+        from starlift.core.extras import require
+
+        _imports()
+        require("ray", purpose="starlift serve --ray")
+        from starlift.serve.ray_serve import serve_on_ray
+
+        return serve_on_ray(args, options_of(args))
     uvicorn = _imports()
-    import starlift
-    from starlift.api import artifact_task, is_artifact
-    from starlift.core.artifact import read_manifest
-    from starlift.serve import chat_template_of, create_app, create_classify_app
+    from starlift.serve.build import build_app
 
     # Bind first, so a port in use fails before the model loads; listen only once ready.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -90,37 +140,20 @@ def main(args: argparse.Namespace) -> int:
         sock.close()
         raise UsageError(f"cannot bind {args.host}:{args.port} ({e.strerror}); choose another --port") from None
 
-    name = args.served_model_name or Path(str(args.artifact).rstrip("/")).name
-    runner_options = {"threads": args.threads} if args.threads else {}
-    task = artifact_task(Path(args.artifact)) if is_artifact(args.artifact) else "text-generation"
-    if task != "text-generation":  # a classification artifact: /v1/classify
-        gen = starlift.pipeline(task, args.artifact, backend=args.backend, verify_artifact=not args.no_verify,
-                                public_key=args.public_key, **runner_options)
-        app = create_classify_app(gen, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
-        close, backend = gen.classifier.close, args.backend
-        gen("def main():\n    pass\n")  # warm-up
-    else:
-        options = {"max_batch": args.max_concurrency, "max_queue": args.max_queue, **runner_options}
-        if args.prefill_chunk:
-            options["prefill_chunk"] = args.prefill_chunk
-        if args.prefill_budget:
-            options["prefill_budget"] = args.prefill_budget
-        gen = starlift.load(args.artifact, backend=args.backend, verify_artifact=not args.no_verify,
-                            public_key=args.public_key, **options)
-        close, backend = gen.close, gen.backend
+    options = options_of(args)
     try:
-        if task == "text-generation":
-            template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else \
-                chat_template_of(gen.source) if gen.source else None
-            precision = read_manifest(Path(args.artifact)).get("precision") if is_artifact(args.artifact) else None
-            app = create_app(gen, model_name=name, api_key=args.api_key, chat_template=template, precision=precision)
-            _warm_up(gen)
-        config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="off",
+        built = build_app(options)
+    except BaseException:
+        sock.close()
+        raise
+    name = options.model_name
+    try:
+        config = uvicorn.Config(built.app, log_level=args.log_level, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=30)
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"starlift serve: ready on http://{shown}:{port} (model {name!r}, {task}, {backend}, "
+        print(f"starlift serve: ready on http://{shown}:{port} (model {name!r}, {built.task}, {built.backend}, "
               f"{args.max_concurrency} rows, queue {args.max_queue})", flush=True)
         # uvicorn handles SIGTERM/SIGINT itself (stop accepting, drain, return) and raises the
         # signal again once done: a no-op handler then lets us exit 0 instead of dying by it.
@@ -129,17 +162,7 @@ def main(args: argparse.Namespace) -> int:
         sock.listen(2048)
         server.run(sockets=[sock])
     finally:
-        close()
+        built.close()
         sock.close()
     print("starlift serve: stopped", file=sys.stderr, flush=True)
     return 0
-
-
-def _warm_up(gen) -> None:
-    """One short request through every path a first caller takes (prefill, decode, sampling)."""
-    from starlift.engine import SamplingParams
-
-    prompt = gen.tokenizer.encode("def main():\n") if gen.tokenizer else [1, 2, 3]
-    for params in (SamplingParams(max_new_tokens=4, ignore_eos=True),
-                   SamplingParams(max_new_tokens=4, temperature=0.7, top_p=0.9, seed=0, ignore_eos=True)):
-        gen.engine.submit(prompt, params).wait(timeout=300)

@@ -19,11 +19,12 @@ EXTRA_OF = {
     "onnxruntime_genai": "genai",
     "psutil": "bench", "matplotlib": "bench", "transformers": "bench",
     "cryptography": "sign",
+    "ray": "ray",
 }
 
 
 # extras that bring others with them (pyproject.toml: export = ["starlift[quantize]", ...])
-INCLUDES = {"export": {"quantize"}, "bench": {"export", "quantize"}}
+INCLUDES = {"export": {"quantize"}, "bench": {"export", "quantize"}, "ray": {"serve"}}
 
 
 class MissingExtraError(UsageError):
