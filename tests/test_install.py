@@ -84,7 +84,8 @@ def test_core_install_commands_and_layout(core_venv, nano_ort, tmp_path):
     # a command that needs an extra says which, in one line
     for args, extra in ((["export", "starcoder2-nano", tmp_path / "out"], "starlift[export]"),
                         (["quantize", nano_ort, tmp_path / "q", "--mode", "int8"], "starlift[quantize]"),
-                        (["generate", nano_ort, "--prompt", "x", "--backend", "openvino"], "starlift[openvino]")):
+                        (["generate", nano_ort, "--prompt", "x", "--backend", "openvino"], "starlift[openvino]"),
+                        (["serve", nano_ort, "--ray", "--replicas", "2"], "starlift[ray]")):
         proc = _run(core_venv, exe, *args, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert extra in proc.stderr and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -211,6 +211,10 @@ def ray_server(ray_cluster, signing, tmp_path_factory):
     finally:
         code = s.stop()
     assert code == 0, f"starlift serve --ray exited {code} on SIGTERM"
+    deadline = time.monotonic() + 30
+    while ray_cluster.replica_pids():  # SIGTERM removed the deployment: its replicas end
+        assert time.monotonic() < deadline, "the replicas outlived `starlift serve --ray`"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -123,8 +123,8 @@ def main(args: argparse.Namespace) -> int:
     if args.ray:
         from starlift.core.extras import require
 
+        require("ray", purpose="starlift serve --ray")  # names starlift[ray], which brings the serve extra too
         _imports()
-        require("ray", purpose="starlift serve --ray")
         from starlift.serve.ray_serve import serve_on_ray
 
         return serve_on_ray(args, options_of(args))

@@ -23,11 +23,12 @@ import signal
 import socket
 import tempfile
 import threading
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from starlift.core.errors import ArtifactError, StarliftError, UsageError
 
@@ -100,6 +101,26 @@ class StarliftReplica:
 
     def __del__(self):
         self._cleanup()
+
+
+def app_builder(args: dict):
+    """The deployment for Ray Serve's own tooling: ``serve run starlift.serve.ray_serve:app_builder
+    artifact=/models/nano [public_key=/keys/build.key.pub] [max_concurrency=8] ...`` or the
+    ``import_path`` of a Serve config file (KubeRay's ``RayService``, docs/guide/scale-out.md).
+    ``args`` are ``ServeOptions`` fields (values may be strings, as Serve's command line gives
+    them); replicas, CPUs and autoscaling come from the config's ``deployments: - name: starlift``."""
+    names = {f.name for f in fields(ServeOptions)}
+    unknown = sorted(set(args) - names)
+    if unknown or "artifact" not in args:
+        raise UsageError(f"app_builder takes {', '.join(sorted(names))} (artifact required); got {sorted(args)}")
+    values = dict(args)
+    for name in ("max_concurrency", "max_queue", "prefill_chunk", "threads"):
+        if values.get(name) is not None:
+            values[name] = int(values[name])
+    if isinstance(values.get("verify"), str):
+        values["verify"] = values["verify"].lower() not in ("0", "false", "no")
+    keys = key_files(values.pop("public_key", None))
+    return StarliftReplica.bind(ServeOptions(**values), keys)
 
 
 def key_files(public_key: str | None) -> dict[str, bytes] | None:
@@ -187,10 +208,17 @@ def serve_on_ray(args: argparse.Namespace, options: ServeOptions) -> int:
     deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": port})
+        running = serve.status().applications
+        if name in running:  # serve.run would replace it, and our exit would delete it
+            raise UsageError(f"an application named {name!r} already runs on this Ray cluster; choose another "
+                             "--served-model-name or stop it first (`serve shutdown` stops every application)")
         app = StarliftReplica.options(**deployment_options(args)).bind(options, keys)
         deployed = True
         try:
             serve.run(app, name=name, route_prefix="/")
+        except RayServeException as e:  # refused by the controller (e.g. the route "/" is taken)
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise UsageError(f"Ray Serve refused the deployment: {last[0].split('RayServeException: ')[-1]}") from None
         except RuntimeError as e:
             raise ArtifactError(f"the Ray Serve deployment {name!r} failed: {_reason(e, _status_text(name))}") from None
         n = f"{args.autoscale[0]}-{args.autoscale[1]} replicas (autoscaling)" if args.autoscale else \
