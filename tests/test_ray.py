@@ -339,3 +339,21 @@ def test_killed_replica_fails_only_its_streams_and_is_restarted(ray_server, ray_
         assert time.monotonic() < deadline, f"no replacement replica within 90 s: {now}"
         time.sleep(1)
     assert replicas[victim] not in ray_cluster.replica_pids() and len(ray_cluster.replica_pids()) == 2
+
+
+def test_app_builder_for_serve_configs(nano_ort, signing):
+    """`import_path: starlift.serve.ray_serve:app_builder` (Serve config files, KubeRay): the same
+    deployment from string args; unknown args are refused with the list of known ones."""
+    from ray.serve.deployment import Application
+
+    from starlift.core.errors import UsageError
+    from starlift.serve.ray_serve import DEPLOYMENT, app_builder
+
+    app = app_builder({"artifact": str(signing["artifact"]), "max_concurrency": "4", "verify": "true",
+                       "public_key": str(signing["pub"])})
+    assert isinstance(app, Application) and app._bound_deployment.name == DEPLOYMENT
+    options, keys = app._bound_deployment.init_args  # what each replica is built from
+    assert options.max_concurrency == 4 and options.verify is True and options.public_key is None
+    assert keys == {"build.key.pub": signing["pub"].read_bytes()}
+    with pytest.raises(UsageError, match="num_replicas"):
+        app_builder({"artifact": str(nano_ort), "num_replicas": 2})
