@@ -96,7 +96,7 @@ class RayCluster:
         ours = self.processes()
         try:
             # a throwaway test cluster: SIGTERM its process group and every process it spawned
-            # (recorded by PID), SIGKILL what is left after 10 s; `ray stop` would hit other clusters
+            # (recorded by PID), SIGKILL what is left after 5 s; `ray stop` would hit other clusters
             for p in ours:
                 try:
                     p.terminate()
@@ -104,7 +104,7 @@ class RayCluster:
                     pass
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            _, alive = psutil.wait_procs(ours, timeout=10)
+            _, alive = psutil.wait_procs(ours, timeout=5)
             for p in alive:
                 try:
                     p.kill()
