@@ -114,7 +114,7 @@ def app_builder(args: dict):
     if unknown or "artifact" not in args:
         raise UsageError(f"app_builder takes {', '.join(sorted(names))} (artifact required); got {sorted(args)}")
     values = dict(args)
-    for name in ("max_concurrency", "max_queue", "prefill_chunk", "threads"):
+    for name in ("max_concurrency", "max_queue", "prefill_chunk", "prefill_budget", "threads"):
         if values.get(name) is not None:
             values[name] = int(values[name])
     if isinstance(values.get("verify"), str):
