@@ -7,6 +7,7 @@ data, one tensor at a time) -> release the torch model -> validate in ONNX Runti
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import platform
@@ -16,18 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from starlift.core import tensor_map, tolerance
+from starlift.core import memory, tensor_map, tolerance
 from starlift.core.artifact import LOGITS_TO_KEEP, MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
+from starlift.core.memory import StagePeaks
 from starlift.core.signing import check_signing_key, sign_artifact
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
 from starlift.model.checkpoint import weight_files
 
-from . import flavours, heads, validate
+from . import cut, flavours, heads, validate
 from .trace import trace
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+# Auto validation: the whole graph up to this many weight bytes, above it a cut of CUT_LAYERS layers
+# (export/cut.py): ONNX Runtime's CPU provider holds fp32 copies of fp16 weights, and the torch
+# reference reads every weight once more, so a whole-graph check costs a multiple of the model.
+FULL_VALIDATION_BYTES = 1 << 30
+CUT_LAYERS = 2
 NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -50,8 +57,14 @@ def _progress(total: int, enabled: bool):
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str = "portable", dtype: str = "fp32",
                       opset: int = 18, force: bool = False, progress: bool = True, validate_steps: int = 8,
-                      allow_pickle: bool = False, sign_key: str | Path | None = None) -> dict[str, Any]:
+                      allow_pickle: bool = False, sign_key: str | Path | None = None,
+                      validate_layers: int | None = None, max_memory: int | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` to the artifact folder ``out``; returns the manifest.
+
+    ``validate_layers``: 0 validates the whole graph, N > 0 a cut of its first N layers plus the
+    final norm and head (export/cut.py), None chooses (whole up to FULL_VALIDATION_BYTES of weights).
+    ``max_memory``: bytes the export may use (default: the machine's available memory); an
+    export whose estimated peak is larger is refused before it starts.
 
     ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
     import onnx_ir as ir
@@ -67,22 +80,38 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     check_output_dir(out, force)
     if sign_key is not None:
         check_signing_key(sign_key)  # a wrong key fails now, not after the export
+    bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    if validate_layers is None:
+        big = config.num_parameters() * bytes_per > FULL_VALIDATION_BYTES
+        validate_layers = CUT_LAYERS if big and config.num_hidden_layers > CUT_LAYERS else 0
+    if config.head is not None:
+        validate_layers = 0  # a classifier's validation is one pass of its own (export/heads.py), whole
+    if validate_layers < 0 or validate_layers >= max(config.num_hidden_layers, 1) and validate_layers:
+        raise UsageError(f"--validate-layers {validate_layers}: use 0 (the whole graph) or 1..{config.num_hidden_layers - 1}")
+    estimate = memory.estimate_export(config.to_hf(), dtype, validate_layers=validate_layers,
+                                      checkpoint_dtype=_stored_dtype(folder))
+    memory.check_fits("export", estimate, max_memory,
+                      fix="validate a cut graph (--validate-layers 1), free memory, or export on a larger machine")
 
     stages = ["load", "reference", "trace", "optimize", "save", "validate", "package"]
     bar = _progress(len(stages), progress)
+    peaks = StagePeaks()
 
     def stage(name: str) -> None:
         bar.set_description(f"export: {name}")
+        peaks.stage(name)
 
     try:
-        with atomic_output_dir(out, force=force) as tmp:
+        with peaks, atomic_output_dir(out, force=force) as tmp:
             stage("load")
             model = load_checkpoint(folder, dtype=dtype, allow_pickle=allow_pickle)
             bar.update()
             stage("reference")
             if config.head is None:
                 case = validate.make_case(config.vocab_size, steps=validate_steps)
-                reference = validate.reference_logits(model, case)
+                # a cut validation computes its reference on the cut model (validate stage): a forward
+                # of the whole model would read every weight for a comparison that does not use it
+                reference = validate.reference_logits(model, case) if not validate_layers else None
             else:  # a classifier: one pass over a padded batch, no cache
                 case = heads.make_case(config.vocab_size, config.pad_token_id)
                 reference = heads.reference_outputs(model, case)
@@ -128,12 +157,31 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
                                    "padding": "full, left and right rows" if config.pad_token_id is not None
                                    else "full rows (no pad_token_id)"})
             else:
-                candidate = validate.onnx_logits(str(tmp / MODEL_FILE), case, NUMPY_KV[dtype])
-                validation = validate.compare(reference, candidate, case.mask, case.prompt_len, dtype,
-                                              tolerance.Shape.of(config))
+                graph_path, what = tmp / MODEL_FILE, {"graph": "whole"}
+                if validate_layers:
+                    graph_path = cut.write_cut(tmp / MODEL_FILE, validate_layers, tmp / "validate-cut.onnx")
+                    cut_model = load_checkpoint(folder, dtype=dtype, allow_pickle=allow_pickle,
+                                                num_layers=validate_layers)
+                    reference = validate.reference_logits(cut_model, case)
+                    del cut_model
+                    what = {"graph": "cut", "layers": validate_layers, "of_layers": config.num_hidden_layers,
+                            "how": f"the artifact's graph cut after {validate_layers} of {config.num_hidden_layers} "
+                                   "layers (embedding, those layers, final norm, LM head), reading the artifact's "
+                                   "own model.onnx.data, against the torch model of the same layers; the other "
+                                   "layers are checked for a complete fusion, not run"}
+                try:
+                    candidate = validate.onnx_logits(str(graph_path), case, NUMPY_KV[dtype])
+                finally:
+                    if validate_layers:
+                        graph_path.unlink(missing_ok=True)
+                # the bound of the graph that ran: a cut is as deep as its own layers
+                shape = tolerance.Shape.of(config)
+                if validate_layers:
+                    shape = dataclasses.replace(shape, num_layers=validate_layers)
+                validation = validate.compare(reference, candidate, case.mask, case.prompt_len, dtype, shape)
                 validation.update({"backend": "onnxruntime", "reference": f"starlift torch model ({dtype})",
                                    "batch": int(case.ids.shape[0]), "prompt_tokens": case.prompt_len,
-                                   "decode_steps": case.steps})
+                                   "decode_steps": case.steps, **what})
                 if not validation["passed"]:
                     raise ParityError(
                         f"the exported graph's logits differ from the reference by {validation['max_abs_error']:.3g} "
@@ -143,7 +191,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             bar.update()
             stage("package")
             _package(folder, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
-                     validation=validation, tensor_map=tmap)
+                     validation=validation, tensor_map=tmap,
+                     memory_info={"estimate_bytes": estimate, "peak_rss_bytes": peaks.result()})
             manifest = verify(tmp, stamp=False)
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
@@ -153,8 +202,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     return manifest
 
 
+def _stored_dtype(folder: Path) -> str | None:
+    """The dtype the checkpoint's weights are stored in (from the first safetensors header)."""
+    from starlift.model.checkpoint import read_safetensors_header
+
+    for file in weight_files(folder, allow_pickle=True):
+        if file.suffix == ".safetensors":
+            header, _ = read_safetensors_header(file)
+            kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+            return {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(kinds.pop()) if len(kinds) == 1 else None
+    return None
+
+
 def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: str, dtype: str, opset: int,
-             fusions: dict[str, int], validation: dict[str, Any], tensor_map: dict[str, Any]) -> None:
+             fusions: dict[str, int], validation: dict[str, Any], tensor_map: dict[str, Any],
+             memory_info: dict[str, Any] | None = None) -> None:
     shutil.copyfile(checkpoint / "config.json", tmp / "config.json")
     tokenizer = checkpoint / "tokenizer.json"
     if tokenizer.is_file():
@@ -204,6 +266,8 @@ def _package(checkpoint: Path, tmp: Path, config: Starcoder2Config, *, flavour: 
         "versions": _versions(),
         "validation": validation,
         "tensor_map": tensor_map,
+        # what this export took on the machine that made it (sampled RSS per stage, bytes)
+        "build_memory": memory_info or {},
     })
 
 

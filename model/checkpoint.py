@@ -116,16 +116,26 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
-                    allow_pickle: bool = False) -> torch.nn.Module:
+                    allow_pickle: bool = False, num_layers: int | None = None) -> torch.nn.Module:
     """Load a Hugging Face StarCoder2 folder (or a bundled name) into the reference model.
 
     The module follows config.json's ``architectures``: :class:`Starcoder2` for the causal LM,
     ``Starcoder2ForSequenceClassification`` / ``Starcoder2ForTokenClassification`` for the heads.
     Weights are views into a memory map when the stored dtype is the one asked for, so the
     model costs no second copy of the weights. ``dtype`` None keeps the stored dtype.
+    ``num_layers``: only the first N decoder layers (with the embedding, final norm and head),
+    the reference of a cut validation graph (export/cut.py); the other layers are never read.
     """
+    import dataclasses
+
     folder = resolve_checkpoint(path)
     config = Starcoder2Config.from_hf(folder)
+    skipped: set[str] = set()
+    if num_layers is not None:
+        if not 0 < num_layers <= config.num_hidden_layers:
+            raise UsageError(f"num_layers must be in 1..{config.num_hidden_layers}, got {num_layers}")
+        skipped = {f"model.layers.{i}." for i in range(num_layers, config.num_hidden_layers)}
+        config = dataclasses.replace(config, num_hidden_layers=num_layers)
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
     target = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -138,6 +148,8 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
             continue  # recomputed from rope_theta; some old checkpoints store it
         if name == "lm_head.weight" and config.tie_word_embeddings and config.head is None:
             continue  # tied: the head is the embedding matrix, stored once in the model
+        if skipped and name.startswith("model.layers.") and ".".join(name.split(".")[:3]) + "." in skipped:
+            continue
         if name not in expected:
             raise CheckpointError(
                 f"{folder}: unexpected tensor {name!r}; this is not a StarCoder2 checkpoint matching its config.json"
@@ -199,22 +211,77 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, force: bool = Fals
     return Path(path)
 
 
-def init_random(config: Starcoder2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A random model (LM or head, as ``config`` says) whose every parameter (biases and norms too) is non-trivial."""
+def _random_tensors(config: Starcoder2Config, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The random parameters one at a time, in state_dict order (one generator: the same values
+    whether they are collected into a model or streamed into files)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = model_class(config)(config)
-    state = {}
     for name, p in model.state_dict().items():
         if "layernorm" in name or name.startswith("model.norm"):
             base = 1.0 if name.endswith("weight") else 0.0
             t = base + 0.05 * torch.randn(p.shape, generator=gen)
         else:
             t = 0.02 * torch.randn(p.shape, generator=gen)
-        state[name] = t.to(dtype)
-    model.load_state_dict(state, assign=True)
+        yield name, t.to(dtype)
+
+
+def init_random(config: Starcoder2Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A random model (LM or head, as ``config`` says) whose every parameter (biases and norms too) is non-trivial."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    model.load_state_dict(dict(_random_tensors(config, seed, dtype)), assign=True)
     model.model.rotary = RotaryEmbedding(config)
     return model.eval()
+
+
+def _stream_random_checkpoint(config: Starcoder2Config, path: str | Path, seed: int, dtype: torch.dtype,
+                              max_shard_bytes: int, force: bool, extra_files: dict[str, Path] | None) -> Path:
+    """A random checkpoint written shard by shard as its tensors are made: the peak is one shard,
+    not the model (safetensors' save_file copies every tensor it is given into bytes first; with
+    the whole 7b shape in memory that is 2 x 14.4 GB)."""
+    from safetensors.torch import save_file
+
+    dtype_name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    with atomic_output_dir(path, force=force) as tmp:
+        shard: dict[str, torch.Tensor] = {}
+        names: list[list[str]] = []
+        size = total = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            save_file(shard, str(tmp / f"shard-{len(names):05d}.safetensors"), metadata={"format": "pt"})
+            names.append(list(shard))
+            shard, size = {}, 0
+
+        for name, t in _random_tensors(config, seed, dtype):
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard[name] = t
+            size += nbytes
+            total += nbytes
+        if shard:
+            flush()
+        weight_map = {}
+        for i, members in enumerate(names):
+            final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+            (tmp / f"shard-{i:05d}.safetensors").rename(tmp / final)
+            weight_map.update({k: final for k in members})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        hf = config.to_hf()
+        hf["torch_dtype"] = dtype_name[dtype]
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for name, src in (extra_files or {}).items():
+            (tmp / name).write_bytes(Path(src).read_bytes())
+    return Path(path)
+
+
+# Above this many weight bytes a random checkpoint is streamed into shards of this size.
+STREAM_BYTES = 2 << 30
 
 
 def random_checkpoint(preset_or_config: str | Starcoder2Config, path: str | Path, seed: int = 0,
@@ -229,6 +296,10 @@ def random_checkpoint(preset_or_config: str | Starcoder2Config, path: str | Path
         config = preset_or_config
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
-    model = init_random(config, seed, DTYPES[dtype])
     extra = {"tokenizer.json": Path(tokenizer)} if tokenizer else None
+    weight_bytes = config.num_parameters() * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if weight_bytes > STREAM_BYTES:
+        return _stream_random_checkpoint(config, path, seed, DTYPES[dtype], max_shard_bytes or STREAM_BYTES,
+                                         force, extra)
+    model = init_random(config, seed, DTYPES[dtype])
     return save_checkpoint(model, path, force=force, max_shard_bytes=max_shard_bytes, extra_files=extra)

@@ -39,3 +39,7 @@ class QueueFullError(StarliftError):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class MemoryBudgetError(StarliftError):
+    """Work whose estimated peak memory is larger than the budget (--max-memory or what is available)."""

@@ -1,0 +1,217 @@
+"""Memory on the build machine: what is available, what a process holds, per-stage peaks.
+
+Linux only for the numbers (``/proc``); elsewhere they are ``None`` and nothing is refused.
+The peaks are sampled RSS (a thread reading ``/proc/self/statm``), not the kernel's
+high-water mark reset per stage: resetting it (``clear_refs``) would also reset what
+``/usr/bin/time -v`` reports for the whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+GIB = 1024 ** 3
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes ({} where there is none)."""
+    path = Path("/proc/meminfo")
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return out
+
+
+def available_bytes() -> int | None:
+    """MemAvailable: what new work can take without swapping (page cache it may reclaim included)."""
+    return meminfo().get("MemAvailable")
+
+
+def rss_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int | None:
+    """The kernel's high-water mark of this process (VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class StagePeaks:
+    """Peak RSS per named stage, sampled every ``interval`` seconds by a daemon thread::
+
+        with StagePeaks() as peaks:
+            peaks.stage("load"); ...
+            peaks.stage("save"); ...
+        peaks.result()  # {"load": bytes, "save": bytes, ..., "process_peak": VmHWM}
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peaks: dict[str, int] = {}
+        self._current: str | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        rss = rss_bytes()
+        if rss is None:
+            return
+        with self._lock:
+            if self._current is not None:
+                self.peaks[self._current] = max(self.peaks.get(self._current, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stage(self, name: str) -> None:
+        self._sample()  # the previous stage's last value
+        with self._lock:
+            self._current = name
+        self._sample()
+
+    def __enter__(self) -> StagePeaks:
+        self._thread = threading.Thread(target=self._run, name="starlift-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def result(self) -> dict[str, int]:
+        out = dict(self.peaks)
+        peak = peak_rss_bytes()
+        if peak is not None:
+            out["process_peak"] = peak
+        return out
+
+
+def gib(n: float | None) -> str:
+    return "?" if n is None else f"{n / GIB:.2f} GiB"
+
+
+# ---- the estimator ------------------------------------------------------------------------------
+# Peaks as sums of what each stage holds at once, from a config.json (a dict: core imports none of
+# the model code). The constants come from measured runs on this project's shapes (see
+# docs/performance/bigmodels.md); the estimate is meant to be a little above the measured peak.
+
+BASE_BYTES = int(0.6 * GIB)  # interpreter + torch + onnxruntime + onnx/onnxscript + graph objects
+BYTES_PER = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def model_sizes(config: dict) -> dict[str, int]:
+    """Parameter counts: total, embedding, one decoder layer, the largest matrix."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    d = config.get("head_dim") or h // heads
+    b = 1 if config.get("use_bias", True) else 0
+    q_dim, kv_dim = heads * d, kv * d
+    layer = h * q_dim + 2 * h * kv_dim + q_dim * h + b * (q_dim + 2 * kv_dim + h) + 2 * h * i + b * (i + h) + 4 * h
+    embed = v * h
+    head = 0 if config.get("tie_word_embeddings", True) else v * h
+    layers = config["num_hidden_layers"]
+    return {"params": embed + layers * layer + 2 * h + head, "embed": embed, "head": head or embed,
+            "layer": layer, "layers": layers, "largest": max(h * i, embed)}
+
+
+def estimate_export(config: dict, dtype: str, *, validate_layers: int, checkpoint_dtype: str | None = None) -> int:
+    """Peak bytes of ``starlift export``: the weights read once (memory-mapped checkpoint), one
+    transposed weight being written, and the validation (ONNX Runtime's CPU provider keeps an fp32
+    copy of every fp16 weight it runs: whole graph or a cut of ``validate_layers`` layers)."""
+    s = model_sizes(config)
+    w = s["params"] * BYTES_PER[dtype]
+    # a checkpoint stored in another dtype is converted in memory: its pages and the converted copy
+    converted = 0 if checkpoint_dtype in (None, dtype) else s["params"] * BYTES_PER[checkpoint_dtype]
+    build = w + converted + 2 * s["largest"] * BYTES_PER[dtype]
+    run_params = s["params"] if not validate_layers else s["embed"] + validate_layers * s["layer"] + (
+        s["head"] if not config.get("tie_word_embeddings", True) else 0)
+    fp32_copies = 2 if dtype in ("fp16", "bf16") else 0
+    # whole graph: the torch model is released first, ORT maps the artifact; cut: the cut torch
+    # reference and the cut session together
+    validate = run_params * (BYTES_PER[dtype] * (1 + fp32_copies)) + (run_params * BYTES_PER[dtype] if validate_layers else 0)
+    return int(BASE_BYTES + max(build, validate + 0.15 * w))
+
+
+def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_layers: int, streaming: bool,
+                      eval_tokens: int = 1024) -> int:
+    """Peak bytes of ``starlift quantize``. Streaming: one weight at a time read from the source's
+    data file and its quantized form written out at once; then the quality check, whose sessions run
+    one after the other (the whole graphs, or cuts of ``quality_layers`` layers)."""
+    s = model_sizes(config)
+    src = s["params"] * BYTES_PER[source_dtype]
+    out = s["params"] * BYTES_PER[mode] + s["embed"] * (BYTES_PER[source_dtype] - BYTES_PER[mode])
+    if streaming:
+        build = 4 * s["largest"] * 4  # the weight, its fp32/transposed form, packed blocks, scales
+    else:
+        build = 2 * src + out  # onnx.load of the whole graph, the quantizer's copies, the output
+    run = s["params"] if not quality_layers else s["embed"] + quality_layers * s["layer"]
+    fp32_copies = 2 if source_dtype in ("fp16", "bf16") else 0
+    run_src = run * BYTES_PER[source_dtype] * (1 + fp32_copies)
+    logits = 4 * eval_tokens * config["vocab_size"] * 4  # two models' logits and the metrics' temporaries
+    return int(BASE_BYTES + max(build, run_src + logits))
+
+
+def estimate_run(config: dict, precision: str, *, tokens: int = 2048, reference_dtype: str | None = None) -> int:
+    """Peak bytes of one generation (``reference_dtype`` None) or of ``starlift parity`` against
+    the torch reference in ``reference_dtype`` (both models loaded)."""
+    s = model_sizes(config)
+    weights = s["params"] * BYTES_PER[precision] + (s["embed"] * (2 - BYTES_PER[precision]) if precision in ("int4", "int8") else 0)
+    heads = config["num_attention_heads"]
+    d = config.get("head_dim") or config["hidden_size"] // heads
+    kv = 2 * config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * d * tokens * 4
+    logits = 4 * tokens * config["vocab_size"] * 4
+    reference = s["params"] * BYTES_PER[reference_dtype] if reference_dtype else 0
+    return int(BASE_BYTES + weights + kv + logits + reference)
+
+
+def parse_size(text: str) -> int:
+    """``"20G"``, ``"20GiB"``, ``"1500M"``, ``"12.5g"`` or plain bytes -> bytes (binary units)."""
+    from starlift.core.errors import UsageError
+
+    units = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 ** 4}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        raise UsageError(f"--max-memory {text!r} is not a size; write e.g. 20G, 1500M or a number of bytes") from None
+    if value <= 0:
+        raise UsageError(f"--max-memory must be positive, got {text!r}")
+    return int(value * units[unit])
+
+
+def check_fits(what: str, estimate: int, max_memory: int | None, *, fix: str) -> None:
+    """Refuse (``MemoryBudgetError``) when ``estimate`` exceeds ``max_memory`` (default: MemAvailable)."""
+    from starlift.core.errors import MemoryBudgetError
+
+    budget, source = max_memory, "--max-memory"
+    if budget is None:
+        budget, source = available_bytes(), "available memory (MemAvailable)"
+    if budget is None or estimate <= budget:
+        return
+    raise MemoryBudgetError(
+        f"{what} needs about {gib(estimate)} at its peak but {source} is {gib(budget)}: it would not fit. "
+        f"Fix: {fix}; or pass --max-memory SIZE to override the budget (the estimate is a little above "
+        "measured peaks)")
