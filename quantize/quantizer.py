@@ -13,6 +13,7 @@ parity`` also applies, measured the same way by ``starlift.evaluation.quality``)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,6 +34,8 @@ HEAD_NODE = "/model/lm_head/MatMul"
 # Ops kept in float32 by the fp16 conversion: statistics and softmax overflow in fp16.
 FP16_KEEP = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Cos", "Sin"]
 
+# Above this many source weight bytes: streaming quantization and a cut quality graph by default.
+STREAM_BYTES = 2 << 30
 
 
 def _untie_lm_head(model) -> str | None:
@@ -291,12 +294,19 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                       accuracy_level: int | None = 4, symmetric: bool = False, int8_method: str = "nbits",
                       head_bits: int | None = None, head_block_size: int | None = None, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
-                      progress: bool = True, sign_key: str | Path | None = None) -> dict[str, Any]:
+                      progress: bool = True, sign_key: str | Path | None = None, stream: bool | None = None,
+                      quality_layers: int | None = None, max_memory: int | None = None) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest.
 
     ``head_bits``: 8 or 4 quantize the head (the LM head, or a classifier's ``score``) with
     MatMulNBits apart from the body; 32 keeps it in float. Default: 8 for the LM head, 32 for a
     classification head (a few kilobytes: nothing to save, only error to add).
+    ``stream``: int4/int8 one weight at a time (streaming.py), from an fp32 or fp16 artifact; None
+    streams fp16 sources and sources above STREAM_BYTES. ``quality_layers``: measure quality on
+    both graphs cut after N layers (export/cut.py); None: the whole graphs up to STREAM_BYTES of
+    source weights, else 2 layers; 0: whole. ``max_memory``: refuse before starting when the
+    estimated peak is larger (default: the machine's available memory).
+
     ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
     import onnx
 
@@ -315,9 +325,21 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
         raise UsageError(f"unknown int8 method {int8_method!r}; choose one of {', '.join(INT8_METHODS)}")
     accuracy_level = accuracy_level or None  # 0 means "unset" (onnxruntime's default compute type)
     manifest = verify(src, check_onnx=False)
-    if manifest.get("dtype") != "fp32" or manifest.get("precision", "fp32") != "fp32":
+    source_dtype = manifest.get("dtype")
+    src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
+    if stream is None:
+        stream = source_dtype == "fp16" or src_bytes > STREAM_BYTES
+    if stream:
+        if mode not in ("int4", "int8") or algo != "rtn" or int8_method != "nbits" or calibration is not None:
+            raise UsageError(f"streaming quantization (fp16 sources, or sources above {STREAM_BYTES >> 30} GiB) does "
+                             "int4/int8 weight-only RTN only: use --mode int4/int8 without --algo hqq/gptq, "
+                             "--int8-method dynamic or --calibration")
+        if source_dtype not in ("fp32", "fp16") or manifest.get("precision", source_dtype) != source_dtype:
+            raise UsageError(f"{src} is an artifact of precision {manifest.get('precision')}; quantize from an fp32 "
+                             "or fp16 export")
+    elif source_dtype != "fp32" or manifest.get("precision", "fp32") != "fp32":
         raise UsageError(f"{src} is an artifact of precision {manifest.get('precision')}; quantize from an fp32 "
-                         "export")
+                         "export (int4/int8 also from an fp16 export)")
     classifier = manifest.get("task", "text-generation") != "text-generation"
     if head_bits is None:
         head_bits = 32 if classifier else 8
@@ -332,10 +354,24 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     head_block_size = head_block_size or (128 if mode == "int4" and head_bits == 8 else block_size)
     if head_block_size not in (16, 32, 64, 128, 256):
         raise UsageError(f"--head-block-size must be a power of two in 16..256, got {head_block_size}")
+    if stream and (classifier or head_bits == 32):
+        raise UsageError("streaming quantization is for causal LMs with a 4- or 8-bit head: quantize a classifier "
+                         "from its fp32 export with --no-stream")
     check_output_dir(out, force)
     if sign_key is not None:
         check_signing_key(sign_key)  # a wrong key fails now, not after the quantization
     config = json.loads((src / "config.json").read_text())
+    if quality_layers is None:
+        quality_layers = 2 if src_bytes > STREAM_BYTES and config["num_hidden_layers"] > 2 else 0
+    if quality_layers < 0 or quality_layers and quality_layers >= config["num_hidden_layers"]:
+        raise UsageError(f"--quality-layers {quality_layers}: use 0 (whole graphs) or 1..{config['num_hidden_layers'] - 1}")
+    from starlift.core import memory
+    from starlift.evaluation.quality import WINDOW_TOKENS
+
+    estimate = memory.estimate_quantize(config, source_dtype, mode, quality_layers=quality_layers, streaming=stream,
+                                        eval_tokens=WINDOW_TOKENS * eval_windows)
+    memory.check_fits("quantize", estimate, max_memory,
+                      fix="measure quality on a cut graph (--quality-layers 1) and fewer --eval-windows, or free memory")
     tokenizer = None
     if (src / "tokenizer.json").is_file():
         from starlift.model.tokenizer import Tokenizer
@@ -347,9 +383,24 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     bar = progress_bar(total=4, desc=f"quantize {mode}", unit="stage", enabled=progress)
     try:
         with atomic_output_dir(out, force=force) as tmp:
-            model = onnx.load(str(src / MODEL_FILE))
             details: dict[str, Any] = {"mode": mode}
-            if mode == "fp16":
+            model = None if stream else onnx.load(str(src / MODEL_FILE))
+            if stream:
+                from .streaming import quantize_graph
+
+                bits = 4 if mode == "int4" else 8
+                counts = quantize_graph(src / MODEL_FILE, tmp, bits=bits, block_size=block_size, symmetric=symmetric,
+                                        accuracy_level=accuracy_level, head_bits=head_bits,
+                                        head_block_size=head_block_size, progress=progress,
+                                        head_names={n for n in _graph_node_names(src / MODEL_FILE) if "lm_head" in n},
+                                        exclude=set(exclude or []))
+                details.update({"bits": bits, "block_size": block_size, "algo": "rtn", "symmetric": symmetric,
+                                "accuracy_level": accuracy_level, "head_bits": head_bits,
+                                "head_block_size": head_block_size, "int8_method": "nbits" if mode == "int8" else None,
+                                "embedding": f"{source_dtype} Gather (kept as in the source)",
+                                "excluded": list(exclude or []), "streaming": True,
+                                "activations": source_dtype, **counts})
+            elif mode == "fp16":
                 from onnxruntime.transformers.float16 import convert_float_to_float16
 
                 rope = _rope_angle_nodes(model)
@@ -408,12 +459,18 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                 "excluded": list(exclude or [])})
             bar.update()
             bar.set_description(f"quantize {mode}: save")
-            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), manifest.get("opset"))
-            # where the residual stream lives now (the quantizers keep the names; the map says so)
-            tmap = None if classifier else tensor_map.resolve_onnx(model, config["num_hidden_layers"])
-            onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=MODEL_FILE + ".data", size_threshold=1024)
-            del model
+            if model is not None:
+                opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                             manifest.get("opset"))
+                # where the residual stream lives now (the quantizers keep the names; the map says so)
+                tmap = None if classifier else tensor_map.resolve_onnx(model, config["num_hidden_layers"])
+                onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=MODEL_FILE + ".data", size_threshold=1024)
+                del model
+            else:  # streamed: the graph's nodes only, its weights stay on disk
+                opset = manifest.get("opset")
+                tmap = tensor_map.resolve_onnx(onnx.load(str(tmp / MODEL_FILE), load_external_data=False),
+                                               config["num_hidden_layers"])
             onnx.checker.check_model(str(tmp / MODEL_FILE))
             for name in ("config.json", "tokenizer.json", "generation_config.json", "genai_config.json"):
                 if (src / name).is_file():
@@ -424,15 +481,16 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 quality = measure_head_quality(src, tmp, tokenizer, config, eval_text, mode)
             else:
                 quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text, mode,
-                                          windows=eval_windows)
+                                          windows=eval_windows, layers=quality_layers)
             bar.update()
             onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
             src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
             info = {k: v for k, v in manifest.items() if k not in ("format", "files", "validation", "size")}
             info["opset"] = opset
-            info.update({"dtype": "fp16" if mode == "fp16" else "fp32", "precision": mode, "quantization": details,
-                         "size": {"onnx_bytes": onnx_bytes, "fp32_onnx_bytes": src_bytes,
-                                  "ratio_to_fp32": onnx_bytes / src_bytes},
+            info.update({"dtype": "fp16" if mode == "fp16" or (stream and source_dtype == "fp16") else "fp32",
+                         "precision": mode, "quantization": details,
+                         "size": {"onnx_bytes": onnx_bytes, "fp32_onnx_bytes": src_bytes, "source_onnx_bytes": src_bytes,
+                                  "source_dtype": source_dtype, "ratio_to_fp32": onnx_bytes / src_bytes},
                          "source_artifact": {"path": src.name, "manifest_sha256": _sha(src / "manifest.json")},
                          "quality": quality, "validation": manifest.get("validation")})
             if tmap is not None:
@@ -459,6 +517,12 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     finally:
         bar.close()
     return new_manifest
+
+
+def _graph_node_names(path: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
 def _sha(path: Path) -> str:
@@ -534,9 +598,35 @@ def _undo_fp16_round_trips(model) -> int:
 
 
 def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict, eval_text: str | None,
-                    mode: str, windows: int = 4) -> dict[str, Any]:
+                    mode: str, windows: int = 4, layers: int = 0) -> dict[str, Any]:
     """The candidate against the fp32 artifact on the quality text, judged by the tolerance policy
-    (the same measurement ``starlift parity`` makes against the PyTorch reference)."""
+    (the same measurement ``starlift parity`` makes against the PyTorch reference).
+
+    ``layers`` > 0: both graphs cut after that many layers (starlift.core.graphcut), so that neither
+    holds more than the embedding, those layers and the head (the sessions run one after the
+    other); the policy's bounds are those of the cut's depth."""
+    if layers:
+        from starlift.export.cut import write_cut
+
+        with tempfile.TemporaryDirectory(prefix="starlift-quality-", dir=Path(candidate_path).parent.parent) as work:
+            paths = []
+            for name, path in (("reference", Path(reference_path)), ("candidate", Path(candidate_path))):
+                folder = Path(work) / name
+                folder.mkdir()
+                # the cut graph beside a hard link to the artifact's own data file: nothing is copied
+                # (ONNX Runtime refuses a symbolic link that leads out of the model's folder)
+                data = path.parent / (MODEL_FILE + ".data")
+                try:
+                    os.link(data, folder / data.name)
+                except OSError as e:
+                    raise UsageError(f"cannot hard-link {data} next to {folder} ({e}) for the cut quality graph: "
+                                     "write OUT on the same filesystem as the source artifact, or pass "
+                                     "--quality-layers 0") from e
+                paths.append(write_cut(path, layers, folder / MODEL_FILE))
+            values = measure_quality(paths[0], paths[1], tokenizer, {**config, "num_hidden_layers": layers},
+                                     eval_text, mode, windows=windows)
+        values.update({"graph": "cut", "layers": layers, "of_layers": config["num_hidden_layers"]})
+        return values
     from starlift.evaluation import quality
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 

@@ -16,6 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..23")
     p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
                    "(see `starlift keygen`; default: unsigned)")
+    p.add_argument("--validate-layers", type=int, default=None, metavar="N",
+                   help="validate the graph cut after N layers (embedding, N layers, final norm, LM head) instead of "
+                        "the whole graph; 0 = the whole graph (default: whole up to 1 GiB of weights, else 2 layers)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the export may use, e.g. 20G (default: what the machine has available); an export "
+                        "whose estimated peak is larger is refused before it starts")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle weights (*.bin); they are loaded with weights_only=True")
@@ -23,13 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from starlift.core.memory import parse_size
     from starlift.export import export_checkpoint
 
     manifest = export_checkpoint(args.checkpoint, args.out, flavour=args.flavour, dtype=args.dtype, opset=args.opset,
-                                 force=args.force, sign_key=args.sign_key, progress=not args.no_progress, allow_pickle=args.allow_pickle)
+                                 force=args.force, sign_key=args.sign_key, progress=not args.no_progress, allow_pickle=args.allow_pickle,
+                                 validate_layers=args.validate_layers,
+                                 max_memory=parse_size(args.max_memory) if args.max_memory else None)
     v = manifest["validation"]
     verdict = (f"max |logit error| {v['max_abs_error']:.2e} <= {v['tolerance']:g}" if v.get("passed")
                else f"not validated ({v.get('skipped')})")
+    if v.get("graph") == "cut":
+        verdict += f" (on the graph cut after {v['layers']} of {v['of_layers']} layers)"
     print(f"wrote {args.out}: {manifest['flavour']} {manifest['dtype']}, "
           f"{manifest['size']['onnx_bytes'] / 2**20:.1f} MiB (x{manifest['size']['ratio']:.3f} of the weights), "
           f"{verdict}")

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a UTF-8 text file to teacher-force (default: the quantize gate's text, a built-in snippet "
                         "and four standard-library modules)")
     p.add_argument("--windows", type=int, default=4, help="windows of up to 1024 tokens read from the text (default 4)")
+    p.add_argument("--window-tokens", type=int, default=1024,
+                   help="tokens per window (default 1024; fewer keep a big model's reference pass small)")
     p.add_argument("--steps", type=int, default=32, help="cached decode steps inside the first window (default 32)")
     p.add_argument("--greedy-steps", type=int, default=16, help="greedy tokens compared with the reference's")
     p.add_argument("--precision", default=None, choices=list(tolerance.PRECISIONS),
@@ -42,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill length of the localization probe (default: the sliding window + 16, at least 64)")
     p.add_argument("--plot", default=None, help="with --localize: write the error curves to this PNG (matplotlib)")
     p.add_argument("--json", default=None, help="write the report as JSON here (default: only the table is printed)")
+    p.add_argument("--reference-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the torch reference (default fp32; fp16 halves its memory for big checkpoints, "
+                        "e.g. starcoder2-7b: 14.4 GB instead of 28.8)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("give an artifact folder to check, or --url of a running server")
     report = parity.run(args.path, args.reference, args.backend or ["onnxruntime"], text=text, steps=args.steps,
                         greedy_steps=args.greedy_steps, precision=args.precision, windows=args.windows,
-                        localize=args.localize, localize_tokens=args.localize_tokens)
+                        window_tokens=args.window_tokens, localize=args.localize,
+                        localize_tokens=args.localize_tokens, reference_dtype=args.reference_dtype)
     print(parity.format_table(report))
     if args.plot:
         from starlift.evaluation import localize

@@ -32,12 +32,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-quality-loss", action="store_true", help="keep the output even below the quality gate")
     p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
                    "(see `starlift keygen`; default: unsigned)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="int4/int8 one weight at a time from the source's data file (default: for fp16 sources "
+                        "and sources above 2 GiB)")
+    p.add_argument("--quality-layers", type=int, default=None, metavar="N",
+                   help="measure quality on both graphs cut after N layers (default: whole graphs up to 2 GiB of "
+                        "source weights, else 2 layers; 0 = whole)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the quantization may use, e.g. 20G (default: what the machine has available); "
+                        "refused before it starts when the estimated peak is larger")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
 
 
 def main(args: argparse.Namespace) -> int:
     from starlift.cli.generate import _read_prompt_file
+    from starlift.core.memory import parse_size
     from starlift.quantize import quantize_artifact
 
     text = _read_prompt_file(args.eval_text) if args.eval_text else None
@@ -46,7 +56,9 @@ def main(args: argparse.Namespace) -> int:
                           int8_method=args.int8_method, head_bits=args.head_bits,
                           head_block_size=args.head_block_size, calibration=args.calibration,
                           exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force, sign_key=args.sign_key,
-                          allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress)
+                          allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress,
+                          stream=args.stream, quality_layers=args.quality_layers,
+                          max_memory=parse_size(args.max_memory) if args.max_memory else None)
     q = m["quality"]
     if "label_agreement" in q:  # a classifier: judged on its labels and probabilities
         print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
@@ -57,5 +69,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
           f"(x{m['size']['ratio_to_fp32']:.3f} of fp32); top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}, "
           f"perplexity {q['perplexity_fp32']:.3f} -> {q['perplexity']:.3f}"
+          + (f" (graphs cut after {q['layers']} of {q['of_layers']} layers)" if q.get("graph") == "cut" else "")
           + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
     return 0

@@ -169,7 +169,7 @@ def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_lay
     run = s["params"] if not quality_layers else s["embed"] + quality_layers * s["layer"]
     fp32_copies = 2 if source_dtype in ("fp16", "bf16") else 0
     run_src = run * BYTES_PER[source_dtype] * (1 + fp32_copies)
-    logits = 4 * eval_tokens * config["vocab_size"] * 4  # two models' logits and the metrics' temporaries
+    logits = 10 * eval_tokens * config["vocab_size"] * 4  # both models' logits, the metrics' float64 temporaries
     return int(BASE_BYTES + max(build, run_src + logits))
 
 

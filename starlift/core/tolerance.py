@@ -140,19 +140,22 @@ class Check:
         return value <= self.bound if self.direction == "max" else value >= self.bound
 
 
-def logit_checks(precision: str, shape: Shape, scale: float, against: str = "reference") -> dict[str, Check]:
+def logit_checks(precision: str, shape: Shape, scale: float, against: str = "reference",
+                 reference_precision: str = "fp32") -> dict[str, Check]:
     """The checks on teacher-forced logits of an artifact of ``precision``.
 
     ``scale``: the largest |logit| of the reference over the compared positions. ``against``:
     ``same-dtype`` (export validation: the PyTorch model in the artifact's dtype),
     ``fp32-artifact`` (the quantize gate) or ``reference`` (parity: PyTorch in float32).
     Returns check name -> Check; ``top1_tie`` is the margin within which the reference's own
-    top two are a tie (used when counting top-1 agreement, not a check)."""
+    top two are a tie (used when counting top-1 agreement, not a check). ``reference_precision``:
+    the dtype the PyTorch reference ran in, when ``against`` is ``reference`` (fp32 unless a
+    big checkpoint's reference must fit: ``starlift parity --reference-dtype``)."""
     check_precision(precision)
     if against not in AGAINST:
         raise UsageError(f"unknown comparison {against!r}; one of {', '.join(AGAINST)}")
     t = bound(precision, shape, scale)
-    allowance = reference_allowance(precision, shape, scale) if against == "reference" else 0.0
+    allowance = reference_allowance(precision, shape, scale, reference_precision) if against == "reference" else 0.0
     max_abs = t + allowance
     checks = {"max_abs_error": Check("max", max_abs), "cache_consistency": Check("max", t)}
     if precision in FLOAT_PRECISIONS:
@@ -166,9 +169,15 @@ def logit_checks(precision: str, shape: Shape, scale: float, against: str = "ref
     return checks
 
 
-def reference_allowance(precision: str, shape: Shape, scale: float) -> float:
+def reference_allowance(precision: str, shape: Shape, scale: float, reference: str = "fp32") -> float:
     """Rule 5: how far the fp32 artifact (what the gate compared with) may be from the PyTorch
     reference (what parity compares with): the fp32 bound, twice (the second covers the two
     comparisons' slightly different logit scales). Nothing for an fp32 artifact, which is
-    compared with the reference directly in both places."""
-    return 0.0 if precision == "fp32" else 2 * bound("fp32", shape, scale)
+    compared with the reference directly in both places.
+
+    A reference run in a lower precision (``reference``: fp16 or bf16, for checkpoints whose fp32
+    reference does not fit) is itself off the fp32 reference by up to its own bound: that adds."""
+    base = 0.0 if precision == "fp32" else 2 * bound("fp32", shape, scale)
+    if check_precision(reference) != "fp32":
+        base += bound(reference, shape, scale)
+    return base

@@ -59,8 +59,12 @@ def greedy(runner, prompt: list[int], steps: int) -> list[int]:
 def run(path: str | Path, reference: str | Path, backends: list[str], text: str | None = None, steps: int = 32,
         greedy_steps: int = 16, precision: str | None = None, runner_options: dict | None = None,
         windows: int = quality.WINDOWS, window_tokens: int = quality.WINDOW_TOKENS, localize: bool = False,
-        localize_tokens: int | None = None) -> dict[str, Any]:
-    """Compare each backend's runner on ``path`` with the reference checkpoint; returns the report."""
+        localize_tokens: int | None = None, reference_dtype: str = "fp32") -> dict[str, Any]:
+    """Compare each backend's runner on ``path`` with the reference checkpoint; returns the report.
+
+    ``reference_dtype``: the torch reference's dtype; fp32 (the default) needs 4 bytes per
+    parameter, so big checkpoints (7b: 28.8 GB) are compared in the dtype they are stored in, and
+    the bounds widen by that dtype's own rounding (``tolerance.reference_allowance``)."""
     from starlift.evaluation import heads
 
     if heads.is_head(path):  # a classifier: its labels and probabilities instead of next-token logits
@@ -77,11 +81,16 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
     for b in backends:
         if b not in BACKENDS:
             raise UsageError(f"unknown backend {b!r}; available backends: {', '.join(BACKENDS)}")
+    if reference_dtype not in tolerance.FLOAT_PRECISIONS:
+        raise UsageError(f"--reference-dtype {reference_dtype!r}: use one of {', '.join(tolerance.FLOAT_PRECISIONS)}")
+    if localize and reference_dtype != "fp32":
+        raise UsageError("--localize compares the residual stream with the fp32 reference's: drop --reference-dtype "
+                         f"{reference_dtype} (or --localize)")
     path = Path(path)
     artifact = is_artifact(path)
     manifest = read_manifest(path) if artifact else {}
     precision = tolerance.check_precision(precision or manifest.get("precision", "fp32"))
-    ref_model = load_checkpoint(reference, dtype="fp32")
+    ref_model = load_checkpoint(reference, dtype=reference_dtype)
     config = ref_model.config
     tok_file = next((f for f in (path / "tokenizer.json", resolve_checkpoint(reference) / "tokenizer.json")
                      if f.is_file()), None)
@@ -97,10 +106,12 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
         probe = loc.make_probe(all_ids, length)
         ref_stream = loc.reference_stream(ref_model, probe)
     del ref_model  # the backends' sessions never share memory with the reference's weights
-    ref_runner = TorchRunner(reference, dtype="fp32").activate()
+    ref_runner = TorchRunner(reference, dtype=reference_dtype).activate()
     ref_greedy = greedy(ref_runner, plan.windows[0][:plan.prompt], greedy_steps)
     ref_runner.deactivate()
-    report: dict[str, Any] = {"precision": precision, "reference": str(reference), "path": str(path),
+    del ref_runner
+    report: dict[str, Any] = {"precision": precision, "reference": str(reference),
+                              "reference_dtype": reference_dtype, "path": str(path),
                               "tokens": plan.tokens, "windows": len(plan.windows), "text": plan.text,
                               "decode_prompt_tokens": plan.prompt, "decode_steps": plan.steps,
                               "perplexity_reference": ref_run.perplexity, "backends": {}}
@@ -113,7 +124,7 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
                 raise UsageError(f"{path} has a vocabulary of {runner.meta.vocab_size} but the reference has "
                                  f"{config.vocab_size}: they are different models")
             values = quality.measure(ref_run, quality.RunnerSource(runner, backend), plan, precision, shape,
-                                     against="reference")
+                                     against="reference", reference_precision=reference_dtype)
             got_greedy = greedy(runner, plan.windows[0][:plan.prompt], greedy_steps)
         match = next((i for i, (a, b) in enumerate(zip(ref_greedy, got_greedy, strict=True)) if a != b),
                      len(ref_greedy))

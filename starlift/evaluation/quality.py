@@ -188,13 +188,14 @@ def run_reference(source: LogitSource, plan: Plan) -> ReferenceRun:
 
 
 def measure(reference: ReferenceRun, candidate: LogitSource, plan: Plan, precision: str, shape: tolerance.Shape,
-            against: str) -> dict[str, Any]:
-    """The candidate's numbers on the plan and the verdict of the tolerance policy."""
+            against: str, reference_precision: str = "fp32") -> dict[str, Any]:
+    """The candidate's numbers on the plan and the verdict of the tolerance policy
+    (``reference_precision``: the dtype the reference ran in, see ``tolerance.logit_checks``)."""
     tolerance.check_precision(precision)
     windows = [candidate.prefill(w) for w in plan.windows]
     ref_all = np.concatenate(reference.windows)
     scale = float(np.abs(ref_all).max())
-    checks = tolerance.logit_checks(precision, shape, scale, against)
+    checks = tolerance.logit_checks(precision, shape, scale, against, reference_precision)
     values = metrics.compare_logits(ref_all, np.concatenate(windows), tie=checks.pop("top1_tie").bound,
                                     candidate_kind=candidate.kind)
     decoded = candidate.decode(plan.windows[0][:plan.prompt + plan.steps], plan.prompt)

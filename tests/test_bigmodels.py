@@ -1,0 +1,137 @@
+"""Big models on ordinary machines (issue 19), on the tiny shape: the memory estimator refuses
+what cannot fit, export validates a cut graph that still catches a wrong graph, streaming int4
+from an fp16 artifact quantizes every MatMul as onnxruntime's own quantizer does, and random
+checkpoints stream into shards with the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from starlift.core import memory
+from starlift.core.artifact import verify
+from starlift.core.errors import MemoryBudgetError, UsageError
+from starlift.export import export_checkpoint
+from starlift.quantize import quantize_artifact
+from tests.conftest import write_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    # 3 layers, so that a cut after 1 or 2 layers leaves some out; blocks of 32 fit hidden 64
+    return write_hf_checkpoint(tmp_path_factory.mktemp("big") / "ckpt", seed=7, vocab_size=256, hidden_size=64,
+                               intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def fp16_cut(ckpt, tmp_path_factory):
+    """An fp16 ort export validated on the graph cut after 2 of its 3 layers."""
+    out = tmp_path_factory.mktemp("fp16") / "ort"
+    export_checkpoint(ckpt, out, flavour="ort", dtype="fp16", validate_layers=2, progress=False)
+    return out
+
+
+def test_estimates_grow_with_the_model_and_the_budget_refuses(ckpt, tmp_path):
+    from starlift.model.config import PRESETS
+
+    seven, fifteen = PRESETS["starcoder2-7b"].to_hf(), PRESETS["starcoder2-15b"].to_hf()
+    w7 = memory.model_sizes(seven)["params"] * 2
+    cut, whole = (memory.estimate_export(seven, "fp16", validate_layers=n, checkpoint_dtype="fp16") for n in (2, 0))
+    # the whole-graph check holds fp32 copies of every fp16 weight; a cut does not
+    assert w7 < cut < 1.2 * w7 < 2.5 * w7 < whole
+    assert memory.estimate_export(fifteen, "fp16", validate_layers=2) > cut
+    stream = memory.estimate_quantize(seven, "fp16", "int4", quality_layers=2, streaming=True, eval_tokens=1024)
+    assert stream < 0.5 * w7 < memory.estimate_quantize(seven, "fp32", "int4", quality_layers=0, streaming=False)
+    assert memory.parse_size("1.5G") == int(1.5 * memory.GIB) and memory.parse_size("800MiB") == 800 << 20
+    with pytest.raises(UsageError, match="not a size"):
+        memory.parse_size("lots")
+    with pytest.raises(MemoryBudgetError, match=r"export needs about .* GiB .* --max-memory is 0\.00 GiB") as e:
+        export_checkpoint(ckpt, tmp_path / "x", max_memory=1 << 20, progress=False)
+    assert "--validate-layers" in str(e.value) and not (tmp_path / "x").exists()
+    assert memory.available_bytes() is None or memory.available_bytes() > 0
+
+
+def test_cut_validation_is_recorded_with_stage_peaks(fp16_cut):
+    manifest = verify(fp16_cut)
+    v = manifest["validation"]
+    assert v["passed"] and v["graph"] == "cut" and v["layers"] == 2 and v["of_layers"] == 3
+    assert v["max_abs_error"] <= v["tolerance"]
+    assert not (fp16_cut / "validate-cut.onnx").exists()
+    peaks = manifest["build_memory"]["peak_rss_bytes"]
+    assert {"load", "trace", "save", "validate"} <= set(peaks) and peaks["process_peak"] >= max(
+        v for k, v in peaks.items() if k != "process_peak")
+
+
+def test_a_cut_graph_against_the_wrong_reference_fails(fp16_cut, ckpt):
+    """The cut check can fail: the graph cut after 1 layer against the 2-layer torch model."""
+    from starlift.export import cut, validate
+    from starlift.model import load_checkpoint
+
+    case = validate.make_case(256, steps=2)
+    path = cut.write_cut(fp16_cut / "model.onnx", 1, fp16_cut / "cut1.onnx")
+    try:
+        got = validate.onnx_logits(str(path), case, np.float16)
+    finally:
+        path.unlink()
+    right = validate.reference_logits(load_checkpoint(ckpt, dtype="fp16", num_layers=1), case)
+    wrong = validate.reference_logits(load_checkpoint(ckpt, dtype="fp16", num_layers=2), case)
+    assert validate.compare(right, got, case.mask, case.prompt_len, validate.TOLERANCE["fp16"])["passed"]
+    assert not validate.compare(wrong, got, case.mask, case.prompt_len, validate.TOLERANCE["fp16"])["passed"]
+
+
+def test_streaming_int4_from_fp16_matches_onnxruntimes_quantizer(fp16_cut, tmp_path):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    out = tmp_path / "int4"
+    m = quantize_artifact(fp16_cut, out, mode="int4", progress=False, allow_quality_loss=True, quality_layers=1,
+                          eval_windows=1)
+    assert verify(out)["precision"] == "int4" and m["dtype"] == "fp16" and m["quantization"]["streaming"]
+    assert m["quality"]["graph"] == "cut" and m["quality"]["finite"] and m["quality"]["tokens"] > 50
+    src = onnx.load(str(fp16_cut / "model.onnx"))
+    q = onnx.load(str(out / "model.onnx"))
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in src.graph.initializer}
+    qinit = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    # every layer's six MatMuls (q, k, v, o, c_fc, c_proj) and the head; no float weight is multiplied any more
+    assert len(nbits) == 3 * 6 + 1 == m["quantization"]["matmuls"] + m["quantization"]["head"]
+    assert not [n for n in q.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in qinit]
+    node = next(n for n in nbits if "mlp/c_fc" in n.name or "c_fc" in n.input[1])
+    source = node.input[1].removesuffix("_Q4")
+    ref = mnq.DefaultWeightOnlyQuantizer(mnq.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, bits=4))
+    packed, scales, zero_points = ref.qbits_block_quant(weights[source])
+    assert np.array_equal(qinit[node.input[1]], packed) and np.array_equal(qinit[node.input[2]], scales)
+    assert np.array_equal(qinit[node.input[3]], zero_points) and qinit[node.input[2]].dtype == np.float16
+    # it runs, next to the fp16 source
+    ids = np.random.default_rng(0).integers(40, 256, size=(1, 24))
+    logits = []
+    for path in (fp16_cut, out):
+        with OnnxRuntimeRunner(path / "model.onnx") as runner:
+            runner.reset(1)
+            logits.append(runner.forward(ids, np.ones_like(ids), np.arange(24)[None])[0])
+    assert np.isfinite(logits[1]).all() and 0 < np.abs(logits[0] - logits[1]).max() < 1.0
+
+
+def test_streaming_refuses_what_it_cannot_do(fp16_cut, tmp_path):
+    with pytest.raises(UsageError, match="int4/int8 weight-only RTN"):
+        quantize_artifact(fp16_cut, tmp_path / "x", mode="int4", algo="hqq", progress=False)
+    with pytest.raises(UsageError, match="quality-layers"):
+        quantize_artifact(fp16_cut, tmp_path / "x", mode="int4", quality_layers=3, progress=False)
+    with pytest.raises(MemoryBudgetError, match="quantize needs about"):
+        quantize_artifact(fp16_cut, tmp_path / "x", mode="int4", max_memory=1 << 20, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_streamed_random_checkpoint_has_the_same_values(tmp_path):
+    from starlift.model import checkpoint, load_checkpoint
+    from starlift.model.config import PRESETS
+
+    checkpoint._stream_random_checkpoint(PRESETS["tiny"], tmp_path / "s", 3, torch.float16, 20_000, False, None)
+    assert len(list((tmp_path / "s").glob("model-*-of-*.safetensors"))) > 1
+    streamed, made = load_checkpoint(tmp_path / "s").state_dict(), checkpoint.init_random(
+        PRESETS["tiny"], 3, torch.float16).state_dict()
+    assert streamed.keys() == made.keys() and all(torch.equal(streamed[k], made[k]) for k in made)
