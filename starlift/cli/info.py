@@ -37,12 +37,30 @@ def describe(config: Starcoder2Config, context: int | None = None, batch: int = 
             "sliding_window": config.sliding_window, "rope_theta": config.rope_theta,
             "tied_embeddings": config.tie_word_embeddings, "hidden_act": config.hidden_act,
         },
+        "peak_memory_estimate": peak_memory(config),
         "kv_cache": {
             "context": context, "batch": batch,
             "fp16_bytes_full": config.kv_cache_bytes(context, batch, 2),
             "fp32_bytes_full": config.kv_cache_bytes(context, batch, 4),
             "fp16_bytes_window": config.kv_cache_bytes(kept, batch, 2),
         },
+    }
+
+
+def peak_memory(config: Starcoder2Config) -> dict[str, int]:
+    """The estimator's peak (bytes) for each stage of the big-model path (docs/guide/big-models.md):
+    fp16 export validated on a cut graph, streaming int4 from it, one generation, parity."""
+    from starlift.core import memory
+    from starlift.export.exporter import CUT_LAYERS
+
+    hf = config.to_hf()
+    cut = CUT_LAYERS if config.num_hidden_layers > CUT_LAYERS else 0
+    return {
+        "export_fp16": memory.estimate_export(hf, "fp16", validate_layers=cut, checkpoint_dtype="fp16"),
+        "export_fp16_whole_validation": memory.estimate_export(hf, "fp16", validate_layers=0, checkpoint_dtype="fp16"),
+        "quantize_int4_streaming": memory.estimate_quantize(hf, "fp16", "int4", quality_layers=cut, streaming=True),
+        "generate_int4": memory.estimate_run(hf, "int4"),
+        "parity_int4_vs_fp16_reference": memory.estimate_run(hf, "int4", reference_dtype="fp16"),
     }
 
 
@@ -77,4 +95,6 @@ def main(args: argparse.Namespace) -> int:
     kv = info["kv_cache"]
     print(f"  KV cache for {kv['context']} tokens x batch {kv['batch']}: fp16 {human_bytes(kv['fp16_bytes_full'])}, "
           f"fp32 {human_bytes(kv['fp32_bytes_full'])} (window-bounded fp16: {human_bytes(kv['fp16_bytes_window'])})")
+    print("  estimated peak memory: " + ", ".join(f"{k.replace('_', ' ')} {human_bytes(v)}"
+                                                  for k, v in info["peak_memory_estimate"].items()))
     return 0
