@@ -111,8 +111,7 @@ def test_streaming_int4_from_fp16_matches_onnxruntimes_quantizer(fp16_cut, tmp_p
     logits = []
     for path in (fp16_cut, out):
         with OnnxRuntimeRunner(path / "model.onnx") as runner:
-            runner.reset(1)
-            logits.append(runner.forward(ids, np.ones_like(ids), np.arange(24)[None])[0])
+            logits.append(runner.single_batch(1).forward(ids, np.ones_like(ids), np.arange(24)[None])[0])
     assert np.isfinite(logits[1]).all() and 0 < np.abs(logits[0] - logits[1]).max() < 1.0
 
 
