@@ -14,7 +14,8 @@ in front of an fp16 norm)::
       becomes
     layer N-1 ... -> [x, residual] -> final norm(model.norm) -> head
 
-i.e. the final norm reads what layer N's input norm (the graph's norm number 2N, in order) read (the two are the same op with the same
+i.e. the final norm reads what layer N's input norm (the graph's norm number 2N, in order) read,
+all but its own scale and shift (the two are the same op with the same
 kind of inputs), then every node, input and output that no longer reaches a graph output goes.
 The graph is loaded without its weights (onnx_ir external tensors are read lazily).
 """
@@ -41,9 +42,14 @@ def cut_layers(model: ir.Model, layers: int) -> ir.Model:
     final, cut = norms[-1], norms[2 * layers]
     if final.op_type != cut.op_type:
         raise ValueError(f"cannot cut: the final norm is {final.op_type}, layer {layers}'s input norm {cut.op_type}")
-    count = 2 if cut.op_type.startswith("Skip") else 1
-    for i in range(count):
-        final.replace_input_with(i, cut.inputs[i])
+    # every input but the norm's own scale and shift: x (and for SkipLayerNormalization the
+    # residual, and the bias of the layer before, fused in as its 5th input)
+    own = (2, 3) if cut.op_type.startswith("Skip") else (1, 2)
+    if len(final.inputs) < len(cut.inputs):
+        final.resize_inputs(len(cut.inputs))
+    for i in range(len(cut.inputs)):
+        if i not in own:
+            final.replace_input_with(i, cut.inputs[i])
     keep = {f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")}
     outputs = [v for v in graph.outputs if not v.name.startswith("present.") or v.name in keep]
     graph.outputs.clear()

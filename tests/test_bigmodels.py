@@ -82,6 +82,23 @@ def test_a_cut_graph_against_the_wrong_reference_fails(fp16_cut, ckpt):
     assert not validate.compare(wrong, got, case.mask, case.prompt_len, validate.TOLERANCE["fp16"])["passed"]
 
 
+def test_cut_of_the_fused_fp32_graph(nano_ort):
+    """fp32 ort graphs fuse the residual and the previous layer's bias into SkipLayerNormalization:
+    the cut carries them to the final norm (trained nano: a wrong cut is far off)."""
+    from starlift.export import cut, validate
+    from starlift.model import load_checkpoint
+
+    case = validate.make_case(8192, steps=2)
+    for layers in (1, 3):
+        path = cut.write_cut(nano_ort / "model.onnx", layers, nano_ort / f"cut{layers}.onnx")
+        try:
+            got = validate.onnx_logits(str(path), case, np.float32)
+        finally:
+            path.unlink()
+        ref = validate.reference_logits(load_checkpoint("starcoder2-nano", num_layers=layers), case)
+        assert validate.compare(ref, got, case.mask, case.prompt_len, validate.TOLERANCE["fp32"])["passed"], layers
+
+
 def test_streaming_int4_from_fp16_matches_onnxruntimes_quantizer(fp16_cut, tmp_path):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
