@@ -24,7 +24,7 @@ from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_fil
 from starlift.core.memory import StagePeaks
 from starlift.core.signing import check_signing_key, sign_artifact
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
-from starlift.model.checkpoint import weight_files
+from starlift.model.checkpoint import release_mapped_pages, weight_files
 
 from . import cut, flavours, heads, validate
 from .trace import trace
@@ -140,6 +140,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             graph.graph.initializers.clear()
             del graph, model
             gc.collect()
+            release_mapped_pages()  # whatever still references the weights, their pages go
             bar.update()
             stage("validate")
             if dtype == "bf16":

@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import struct
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,32 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, data_start
 
 
+_MAPS: list[weakref.ref] = []
+
+
+def release_mapped_pages() -> int:
+    """Drop the resident pages of every checkpoint memory map still alive (``MADV_DONTNEED``);
+    returns how many maps were advised.
+
+    After an export has written its weights, something in torch.export / onnxscript can keep a
+    reference to the parameters, and with it their maps: the pages the save read stay resident
+    (measured: the whole 1.8 GB of a 3b-wide checkpoint, doubling the validation's peak). The maps
+    are private and never written, so dropped pages are read again from the file if touched:
+    the values cannot change, only where they live."""
+    advised = 0
+    for ref in list(_MAPS):
+        mm = ref()
+        if mm is None:
+            _MAPS.remove(ref)
+            continue
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+            advised += 1
+        except (ValueError, OSError, AttributeError):  # closed, or a platform without madvise
+            pass
+    return advised
+
+
 def mmap_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one file as views into a private (copy-on-write) memory map."""
     header, data_start = read_safetensors_header(path)
@@ -90,6 +117,7 @@ def mmap_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if path.stat().st_size == 0:
             return
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    _MAPS.append(weakref.ref(mm))
     for name, info in header.items():
         if name == "__metadata__":
             continue
