@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from starlift.core import graphcut as cut
 from starlift.core import memory, tensor_map, tolerance
 from starlift.core.artifact import LOGITS_TO_KEEP, MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
@@ -26,12 +27,12 @@ from starlift.core.signing import check_signing_key, sign_artifact
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
 from starlift.model.checkpoint import release_mapped_pages, weight_files
 
-from . import cut, flavours, heads, validate
+from . import flavours, heads, validate
 from .trace import trace
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 # Auto validation: the whole graph up to this many weight bytes, above it a cut of CUT_LAYERS layers
-# (export/cut.py): ONNX Runtime's CPU provider holds fp32 copies of fp16 weights, and the torch
+# (starlift/core/graphcut.py): ONNX Runtime's CPU provider holds fp32 copies of fp16 weights, and the torch
 # reference reads every weight once more, so a whole-graph check costs a multiple of the model.
 FULL_VALIDATION_BYTES = 1 << 30
 CUT_LAYERS = 2
@@ -62,7 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     """Export ``checkpoint`` to the artifact folder ``out``; returns the manifest.
 
     ``validate_layers``: 0 validates the whole graph, N > 0 a cut of its first N layers plus the
-    final norm and head (export/cut.py), None chooses (whole up to FULL_VALIDATION_BYTES of weights).
+    final norm and head (starlift/core/graphcut.py), None chooses (whole up to FULL_VALIDATION_BYTES of weights).
     ``max_memory``: bytes the export may use (default: the machine's available memory); an
     export whose estimated peak is larger is refused before it starts.
 

@@ -152,7 +152,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
     Weights are views into a memory map when the stored dtype is the one asked for, so the
     model costs no second copy of the weights. ``dtype`` None keeps the stored dtype.
     ``num_layers``: only the first N decoder layers (with the embedding, final norm and head),
-    the reference of a cut validation graph (export/cut.py); the other layers are never read.
+    the reference of a cut validation graph (starlift/core/graphcut.py); the other layers are never read.
     """
     import dataclasses
 

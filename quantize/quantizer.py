@@ -305,7 +305,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     classification head (a few kilobytes: nothing to save, only error to add).
     ``stream``: int4/int8 one weight at a time (streaming.py), from an fp32 or fp16 artifact; None
     streams fp16 sources and sources above STREAM_BYTES. ``quality_layers``: measure quality on
-    both graphs cut after N layers (export/cut.py); None: the whole graphs up to STREAM_BYTES of
+    both graphs cut after N layers (starlift/core/graphcut.py); None: the whole graphs up to STREAM_BYTES of
     source weights, else 2 layers; 0: whole. ``max_memory``: refuse before starting when the
     estimated peak is larger (default: the machine's available memory).
 
@@ -611,7 +611,7 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
     holds more than the embedding, those layers and the head (the sessions run one after the
     other); the policy's bounds are those of the cut's depth."""
     if layers:
-        from starlift.export.cut import write_cut
+        from starlift.core.graphcut import write_cut
 
         with tempfile.TemporaryDirectory(prefix="starlift-quality-", dir=Path(candidate_path).parent.parent) as work:
             paths = []

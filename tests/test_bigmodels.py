@@ -67,7 +67,8 @@ def test_cut_validation_is_recorded_with_stage_peaks(fp16_cut):
 
 def test_a_cut_graph_against_the_wrong_reference_fails(fp16_cut, ckpt):
     """The cut check can fail: the graph cut after 1 layer against the 2-layer torch model."""
-    from starlift.export import cut, validate
+    from starlift.core import graphcut as cut
+    from starlift.export import validate
     from starlift.model import load_checkpoint
 
     case = validate.make_case(256, steps=2)
@@ -85,7 +86,8 @@ def test_a_cut_graph_against_the_wrong_reference_fails(fp16_cut, ckpt):
 def test_cut_of_the_fused_fp32_graph(nano_ort):
     """fp32 ort graphs fuse the residual and the previous layer's bias into SkipLayerNormalization:
     the cut carries them to the final norm (trained nano: a wrong cut is far off)."""
-    from starlift.export import cut, validate
+    from starlift.core import graphcut as cut
+    from starlift.export import validate
     from starlift.model import load_checkpoint
 
     case = validate.make_case(8192, steps=2)

@@ -1,4 +1,6 @@
-"""A written artifact's graph cut to its first N layers plus the final norm and the LM head.
+"""(In core because both export/ and quantize/ use it and neither may import the other.)
+
+A written artifact's graph cut to its first N layers plus the final norm and the LM head.
 
 Used to validate big models without a second copy of the weights: the cut graph is saved next
 to the artifact's ``model.onnx`` and points into the *same* ``model.onnx.data`` (the bytes that
@@ -23,8 +25,10 @@ The graph is loaded without its weights (onnx_ir external tensors are read lazil
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx_ir as ir
+if TYPE_CHECKING:  # onnx_ir comes with the export/quantize extras, not the core install
+    import onnx_ir as ir
 
 NORMS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
          "SkipSimplifiedLayerNormalization")
@@ -70,7 +74,7 @@ def _remove_dead(graph: ir.Graph) -> None:
             if value is not None and value.producer() is not None:
                 todo.append(value.producer())
         for sub in node.attributes.values():  # subgraphs read outer values too (none here; be safe)
-            if sub.type == ir.AttributeType.GRAPH:
+            if sub.type.name == "GRAPH":
                 for inner in sub.value.all_nodes():
                     todo.extend(v.producer() for v in inner.inputs if v is not None and v.producer() is not None)
     for node in reversed(list(graph)):
@@ -88,6 +92,8 @@ def write_cut(model_path: str | Path, layers: int, out_path: str | Path) -> Path
     """The graph at ``model_path`` cut to ``layers`` layers, saved at ``out_path``; no weight is read
     or written: it refers to the same external data file name, which must be beside ``out_path``
     (the artifact's own folder, or a link to the data file)."""
+    import onnx_ir as ir
+
     model_path, out_path = Path(model_path), Path(out_path)
     model = ir.load(model_path)
     cut_layers(model, layers)
