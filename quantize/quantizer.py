@@ -363,6 +363,11 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     if sign_key is not None:
         check_signing_key(sign_key)  # a wrong key fails now, not after the quantization
     config = json.loads((src / "config.json").read_text())
+    if classifier and quality_layers:
+        raise UsageError("--quality-layers cuts a causal LM's graph; a classifier's quality runs its whole graph "
+                         "(drop --quality-layers)")
+    if classifier:
+        quality_layers = 0
     if quality_layers is None:
         # ONNX Runtime runs an fp16 source through fp32 copies of its weights: 3x the source for a
         # whole-graph check (measured: 5.3 GB peak for a 1.75 GB fp16 source)
