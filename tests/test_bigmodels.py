@@ -112,7 +112,7 @@ def test_cut_of_the_fused_fp32_graph(nano_ort):
         assert validate.compare(ref, got, case.mask, case.prompt_len, "fp32", shape)["passed"], layers
 
 
-def test_streaming_int4_from_fp16_matches_onnxruntimes_quantizer(fp16_cut, tmp_path):
+def test_streaming_int4_from_fp16_matches_onnxruntimes_quantizer(fp16_cut, ckpt, tmp_path):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
@@ -143,6 +143,20 @@ def test_streaming_int4_from_fp16_matches_onnxruntimes_quantizer(fp16_cut, tmp_p
         with OnnxRuntimeRunner(path / "model.onnx") as runner:
             logits.append(runner.single_batch(1).forward(ids, np.ones_like(ids), np.arange(24)[None])[0])
     assert np.isfinite(logits[1]).all() and 0 < np.abs(logits[0] - logits[1]).max() < 1.0
+    # parity against a reference run in fp16 (a 7b fp32 reference does not fit 24 GiB): the bounds
+    # widen by exactly the fp16 reference's own bound, and the report says which reference ran
+    from starlift.evaluation import parity
+
+    kw = {"windows": 1, "window_tokens": 48, "steps": 4, "greedy_steps": 4}
+    fp32, fp16 = (parity.run(out, ckpt, ["onnxruntime"], reference_dtype=d, **kw) for d in ("fp32", "fp16"))
+    assert fp16["reference_dtype"] == "fp16" and fp16["backends"]["onnxruntime"]["finite"]
+    shape = tolerance.Shape(3, 96)
+    widened = [r["backends"]["onnxruntime"]["checks"]["max_abs_error"]["tolerance"] for r in (fp32, fp16)]
+    assert widened[1] > widened[0]
+    assert tolerance.reference_allowance("int4", shape, 10.0, "fp16") == pytest.approx(
+        tolerance.reference_allowance("int4", shape, 10.0) + tolerance.bound("fp16", shape, 10.0))
+    with pytest.raises(UsageError, match="--localize"):
+        parity.run(out, ckpt, ["onnxruntime"], reference_dtype="fp16", localize=True, **kw)
 
 
 def test_streaming_refuses_what_it_cannot_do(fp16_cut, tmp_path):

@@ -66,8 +66,9 @@ def main(args: argparse.Namespace) -> int:
               f"max |prob change| {q['max_prob_error']:.3g} over {q['rows']} outputs"
               + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
         return 0
+    source = m["size"].get("source_dtype", "fp32")  # a streamed int4/int8 may come from an fp16 export
     print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
-          f"(x{m['size']['ratio_to_fp32']:.3f} of fp32); top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}, "
+          f"(x{m['size']['ratio_to_fp32']:.3f} of the {source} source); top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.2e}, "
           f"perplexity {q['perplexity_fp32']:.3f} -> {q['perplexity']:.3f}"
           + (f" (graphs cut after {q['layers']} of {q['of_layers']} layers)" if q.get("graph") == "cut" else "")
           + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
