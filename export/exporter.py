@@ -37,6 +37,11 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 FULL_VALIDATION_BYTES = 1 << 30
 CUT_LAYERS = 2
 NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
+# The save (onnx_ir) materializes at most this many bytes of tensors at once (its default is 1 GiB,
+# more than a small model's weights), and the checkpoint pages it has read are dropped every
+# RELEASE_EVERY_BYTES (_PageRelease).
+SAVE_IN_FLIGHT_BYTES = 128 << 20
+RELEASE_EVERY_BYTES = 128 << 20
 
 
 def _versions() -> dict[str, str]:
@@ -116,6 +121,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             else:  # a classifier: one pass over a padded batch, no cache
                 case = heads.make_case(config.vocab_size, config.pad_token_id)
                 reference = heads.reference_outputs(model, case)
+            # the forward read every weight into the process; the save reads each again (from the
+            # page cache) when it writes it, so none needs to stay resident in between
+            release_mapped_pages()
             bar.update()
             stage("trace")
             graph = trace(model, opset=opset)
@@ -133,7 +141,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             tmap = tensor_map.resolve_ir(graph, config.num_hidden_layers)
             bar.update()
             stage("save")
-            ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data")
+            ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data", callback=_PageRelease(),
+                    max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
             # onnxscript's module-level rewrite rules keep a reference to the last graph they
             # matched; dropping the tensors from the graph frees the weights all the same.
             for value in graph.graph.initializers.values():
@@ -202,6 +211,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     finally:
         bar.close()
     return manifest
+
+
+class _PageRelease:
+    """``ir.save``'s per-tensor callback: every RELEASE_EVERY_BYTES of weights handed to the writer,
+    drop the checkpoint maps' resident pages (``release_mapped_pages``). Without it every page the
+    save reads stays in the process until the save ends: the whole checkpoint on top of the
+    interpreter (measured: the 113M fp32 export's save stage at 0.93 GiB for 0.42 GiB of weights).
+    A page dropped while a writer thread still reads it is read again from the file."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+    def __call__(self, tensor, info) -> None:
+        self.pending += int(tensor.nbytes)
+        if self.pending >= RELEASE_EVERY_BYTES:
+            self.pending = 0
+            release_mapped_pages()
 
 
 def _stored_dtype(folder: Path) -> str | None:
