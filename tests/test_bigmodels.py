@@ -40,8 +40,9 @@ def test_estimates_grow_with_the_model_and_the_budget_refuses(ckpt, tmp_path):
     seven, fifteen = PRESETS["starcoder2-7b"].to_hf(), PRESETS["starcoder2-15b"].to_hf()
     w7 = memory.model_sizes(seven)["params"] * 2
     cut, whole = (memory.estimate_export(seven, "fp16", validate_layers=n, checkpoint_dtype="fp16") for n in (2, 0))
-    # the whole-graph check holds fp32 copies of every fp16 weight; a cut does not
-    assert w7 < cut < 1.2 * w7 < 2.5 * w7 < whole
+    # the whole-graph check holds fp32 copies of every fp16 weight; a cut does not, and the save
+    # drops the checkpoint's pages as it goes (measured 7b: 3.75 GB for 14.4 GB of weights)
+    assert cut < 0.4 * w7 < 2.5 * w7 < whole
     assert memory.estimate_export(fifteen, "fp16", validate_layers=2) > cut
     stream = memory.estimate_quantize(seven, "fp16", "int4", quality_layers=2, streaming=True, eval_tokens=1024)
     assert stream < 0.5 * w7 < memory.estimate_quantize(seven, "fp32", "int4", quality_layers=0, streaming=False)

@@ -136,22 +136,34 @@ def model_sizes(config: dict) -> dict[str, int]:
             "layer": layer, "layers": layers, "largest": max(h * i, embed)}
 
 
+# what onnx_ir's save may hold at once (export.exporter.SAVE_IN_FLIGHT_BYTES) plus the pages read
+# since the last release (RELEASE_EVERY_BYTES)
+SAVE_WINDOW_BYTES = 256 << 20
+
+
 def estimate_export(config: dict, dtype: str, *, validate_layers: int, checkpoint_dtype: str | None = None) -> int:
-    """Peak bytes of ``starlift export``: the weights read once (memory-mapped checkpoint), one
-    transposed weight being written, and the validation (ONNX Runtime's CPU provider keeps an fp32
-    copy of every fp16 weight it runs: whole graph or a cut of ``validate_layers`` layers)."""
+    """Peak bytes of ``starlift export``, the largest of its stages:
+
+    - reference (whole validation only): the torch forward reads every weight of the
+      memory-mapped checkpoint; the pages are dropped after it;
+    - save: a window of tensors in flight and pages read since the last release, and one weight
+      transposed for MatMul (the checkpoint's pages are dropped as the save goes);
+    - validate: ONNX Runtime's CPU provider keeps an fp32 copy of every fp16 weight it runs, of the
+      whole graph or of a cut of ``validate_layers`` layers (the cut torch reference runs before
+      the session and is released).
+
+    A checkpoint stored in another dtype is converted in memory: the converted copy stays for the
+    whole build."""
     s = model_sizes(config)
     w = s["params"] * BYTES_PER[dtype]
-    # a checkpoint stored in another dtype is converted in memory: its pages and the converted copy
-    converted = 0 if checkpoint_dtype in (None, dtype) else s["params"] * BYTES_PER[checkpoint_dtype]
-    build = w + converted + 2 * s["largest"] * BYTES_PER[dtype]
+    converted = 0 if checkpoint_dtype in (None, dtype) else w
+    reference = 0 if validate_layers else w
+    build = converted + max(reference, SAVE_WINDOW_BYTES + 2 * s["largest"] * BYTES_PER[dtype])
     run_params = s["params"] if not validate_layers else s["embed"] + validate_layers * s["layer"] + (
         s["head"] if not config.get("tie_word_embeddings", True) else 0)
     fp32_copies = 2 if dtype in ("fp16", "bf16") else 0
-    # whole graph: the torch model is released first, ORT maps the artifact; cut: the cut torch
-    # reference and the cut session together
-    validate = run_params * (BYTES_PER[dtype] * (1 + fp32_copies)) + (run_params * BYTES_PER[dtype] if validate_layers else 0)
-    return int(BASE_BYTES + max(build, validate + 0.15 * w))
+    validate = run_params * BYTES_PER[dtype] * (1 + fp32_copies)
+    return int(BASE_BYTES + max(build, validate))
 
 
 def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_layers: int, streaming: bool,
