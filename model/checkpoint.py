@@ -144,7 +144,8 @@ def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
-                    allow_pickle: bool = False, num_layers: int | None = None) -> torch.nn.Module:
+                    allow_pickle: bool = False, num_layers: int | None = None,
+                    compute_dtype: str | None = None) -> torch.nn.Module:
     """Load a Hugging Face StarCoder2 folder (or a bundled name) into the reference model.
 
     The module follows config.json's ``architectures``: :class:`Starcoder2` for the causal LM,
@@ -153,6 +154,10 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
     model costs no second copy of the weights. ``dtype`` None keeps the stored dtype.
     ``num_layers``: only the first N decoder layers (with the embedding, final norm and head),
     the reference of a cut validation graph (starlift/core/graphcut.py); the other layers are never read.
+    ``compute_dtype``: activations (and the cache) in this dtype whatever the weights' (each weight
+    cast when it is used): fp16 weights computed in fp32 hold half the memory of an fp32 model and,
+    for an fp16 checkpoint, compute what it computes (torch's CPU fp16 matmuls are also ~100x
+    slower than fp32 ones on AVX2 machines).
     """
     import dataclasses
 
@@ -196,6 +201,10 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None,
         raise CheckpointError(f"{folder}: missing tensor(s) {shown}; the checkpoint is incomplete")
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary = RotaryEmbedding(config)  # non-persistent buffer: rebuilt off the meta device
+    if compute_dtype is not None:
+        if compute_dtype not in DTYPES:
+            raise UsageError(f"unknown compute dtype {compute_dtype!r}; use one of fp32, fp16, bf16")
+        model.model.compute_dtype = DTYPES[compute_dtype]
     return model.eval()
 
 

@@ -69,10 +69,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = config.use_bias
-        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, q_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, kv_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, kv_dim, bias=bias)
+        self.o_proj = Linear(q_dim, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
                 past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -103,19 +103,31 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Starcoder2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.use_bias)
-        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.c_fc = Linear(config.hidden_size, config.intermediate_size, bias=config.use_bias)
+        self.c_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.use_bias)
         self.approximate = config.gelu_approximation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
+class Linear(nn.Linear):
+    """``nn.Linear``, whose weights may be stored narrower than the activations: a big checkpoint's
+    fp16 weights computed in float32 (``load_checkpoint(..., compute_dtype=torch.float32)``, the
+    parity reference of a model whose fp32 copy does not fit), cast one matrix at a time. With
+    one dtype (every export) it is exactly ``nn.Linear``: the check is Python, not a graph op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype:
+            return super().forward(x)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm whose statistics are computed in float32 whatever the weights' dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return super().forward(x)
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
@@ -150,6 +162,8 @@ class Starcoder2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = LayerNorm(config.hidden_size, eps=config.norm_epsilon)
         self.rotary = RotaryEmbedding(config)
+        # None: compute in the weights' dtype; a dtype: activations (and the cache) in it (Linear)
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
@@ -162,6 +176,8 @@ class Starcoder2Model(nn.Module):
             position_ids = default_position_ids(attention_mask, query_len)
         allowed = attention_allowed(attention_mask, query_len, self.config.attention_window)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
         cos, sin = self.rotary(position_ids, x.dtype)
         present: list[KV] = []
         for i, layer in enumerate(self.layers):
@@ -174,7 +190,8 @@ class Starcoder2Model(nn.Module):
         c = self.config
         p = self.embed_tokens.weight
         shape = (batch, c.num_key_value_heads, 0, c.head_dim)
-        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.num_hidden_layers)]
+        dtype = self.compute_dtype or p.dtype
+        return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype)) for _ in range(c.num_hidden_layers)]
 
 
 class OnBody(nn.Module):
@@ -212,7 +229,7 @@ class Starcoder2(OnBody):
         super().__init__()
         self.model = Starcoder2Model(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.eval()  # there is no training-only behaviour (dropout) in this module
 
     @property
@@ -228,5 +245,6 @@ class Starcoder2(OnBody):
         x, present = self.model(input_ids, attention_mask, position_ids, past)
         if logits_to_keep:  # a Python int: the exporter adds the graph's own Slice (export/trace.py)
             x = x[:, -logits_to_keep:]  # (B, N, hidden)
-        logits = F.linear(x, self.lm_head_weight).float()  # (B, T or N, vocab)
+        w = self.lm_head_weight
+        logits = F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype)).float()  # (B, T or N, vocab)
         return logits, present

@@ -14,9 +14,13 @@ _NP_KV = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, checkpoint, dtype: str | None = "fp32", threads: int | None = None):
+    def __init__(self, checkpoint, dtype: str | None = "fp32", threads: int | None = None,
+                 compute_dtype: str | None = None):
+        """``compute_dtype``: activations and cache in this dtype, weights kept in ``dtype``
+        (``load_checkpoint``'s ``compute_dtype``: a big fp16 checkpoint computed in fp32)."""
         super().__init__()
         self.checkpoint, self.dtype, self.threads = checkpoint, dtype, threads
+        self.compute_dtype = compute_dtype
         self.model = None
 
     def _activate_impl(self) -> None:
@@ -27,11 +31,11 @@ class TorchRunner(Runner):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.model = load_checkpoint(self.checkpoint, dtype=self.dtype)
+        self.model = load_checkpoint(self.checkpoint, dtype=self.dtype, compute_dtype=self.compute_dtype)
 
     def _read_metadata_impl(self) -> ModelMeta:
         c = self.model.config
-        self._dtype = next(self.model.parameters()).dtype
+        self._dtype = self.model.model.compute_dtype or next(self.model.parameters()).dtype
         dtype = str(self._dtype).removeprefix("torch.")
         return ModelMeta(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.vocab_size,
                          np.dtype(_NP_KV[dtype]), c.max_position_embeddings)

@@ -179,3 +179,20 @@ def test_streamed_random_checkpoint_has_the_same_values(tmp_path):
     streamed, made = load_checkpoint(tmp_path / "s").state_dict(), checkpoint.init_random(
         PRESETS["tiny"], 3, torch.float16).state_dict()
     assert streamed.keys() == made.keys() and all(torch.equal(streamed[k], made[k]) for k in made)
+
+
+def test_fp16_weights_computed_in_fp32_are_the_fp32_model_of_those_weights(ckpt):
+    """parity's big-model reference: fp16 weights (half the memory) cast per use, activations and
+    cache in fp32; the numbers are those of an fp32 model of the same (fp16-rounded) weights."""
+    from starlift.model import load_checkpoint
+    from starlift.runtimes.torch_runner import TorchRunner
+
+    ids = torch.randint(40, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    mixed = load_checkpoint(ckpt, dtype="fp16", compute_dtype="fp32")
+    exact = load_checkpoint(ckpt, dtype="fp16").float()
+    assert next(mixed.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        (a, past), (b, _) = mixed(ids), exact(ids)
+    assert torch.equal(a, b) and past[0][0].dtype == torch.float32
+    with TorchRunner(ckpt, dtype="fp16", compute_dtype="fp32") as runner:
+        assert runner.meta.kv_dtype == np.float32

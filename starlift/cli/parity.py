@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="with --localize: write the error curves to this PNG (matplotlib)")
     p.add_argument("--json", default=None, help="write the report as JSON here (default: only the table is printed)")
     p.add_argument("--reference-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="dtype of the torch reference (default fp32; fp16 halves its memory for big checkpoints, "
-                        "e.g. starcoder2-7b: 14.4 GB instead of 28.8)")
+                   help="dtype the torch reference holds its weights in; it computes in fp32 (default fp32; fp16 "
+                        "halves its memory for big checkpoints, e.g. starcoder2-7b: 14.4 GB instead of 28.8)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -74,9 +74,11 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
         localize_tokens: int | None = None, reference_dtype: str = "fp32") -> dict[str, Any]:
     """Compare each backend's runner on ``path`` with the reference checkpoint; returns the report.
 
-    ``reference_dtype``: the torch reference's dtype; fp32 (the default) needs 4 bytes per
-    parameter, so big checkpoints (7b: 28.8 GB) are compared in the dtype they are stored in, and
-    the bounds widen by that dtype's own rounding (``tolerance.reference_allowance``)."""
+    ``reference_dtype``: the dtype the torch reference holds its weights in; it computes in float32
+    (``load_checkpoint``'s ``compute_dtype``). fp32 (the default) needs 4 bytes per parameter, so
+    big checkpoints (7b: 28.8 GB) keep the fp16 they are stored in; the bounds widen by fp16's own
+    rounding (``tolerance.reference_allowance``), which covers an fp32 checkpoint's weights
+    rounded to fp16 (for an fp16 checkpoint the reference is exact and the widening is slack)."""
     from starlift.evaluation import heads
 
     if heads.is_head(path):  # a classifier: its labels and probabilities instead of next-token logits
@@ -102,7 +104,9 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
     artifact = is_artifact(path)
     manifest = read_manifest(path) if artifact else {}
     precision = tolerance.check_precision(precision or manifest.get("precision", "fp32"))
-    ref_model = load_checkpoint(reference, dtype=reference_dtype)
+    # the reference computes in float32 whatever its weights are held in (fp16 weights: half the
+    # memory; for an fp16 checkpoint, exactly the fp32 reference's numbers)
+    ref_model = load_checkpoint(reference, dtype=reference_dtype, compute_dtype="fp32")
     config = ref_model.config
     tok_file = next((f for f in (path / "tokenizer.json", resolve_checkpoint(reference) / "tokenizer.json")
                      if f.is_file()), None)
@@ -119,7 +123,7 @@ def run(path: str | Path, reference: str | Path, backends: list[str], text: str 
         ref_stream = loc.reference_stream(ref_model, probe)
     del ref_model  # the backends' sessions never share memory with the reference's weights
     _release_reference()
-    ref_runner = TorchRunner(reference, dtype=reference_dtype).activate()
+    ref_runner = TorchRunner(reference, dtype=reference_dtype, compute_dtype="fp32").activate()
     ref_greedy = greedy(ref_runner, plan.windows[0][:plan.prompt], greedy_steps)
     ref_runner.deactivate()
     del ref_runner
