@@ -187,15 +187,20 @@ def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_lay
 
 def estimate_run(config: dict, precision: str, *, tokens: int = 2048, reference_dtype: str | None = None) -> int:
     """Peak bytes of one generation (``reference_dtype`` None) or of ``starlift parity`` against
-    the torch reference in ``reference_dtype`` (both models loaded)."""
+    the torch reference holding its weights in ``reference_dtype`` and computing in fp32 (one weight
+    cast at a time). Parity releases the reference before the artifact's session starts: the
+    larger of the two."""
     s = model_sizes(config)
     weights = s["params"] * BYTES_PER[precision] + (s["embed"] * (2 - BYTES_PER[precision]) if precision in ("int4", "int8") else 0)
     heads = config["num_attention_heads"]
     d = config.get("head_dim") or config["hidden_size"] // heads
     kv = 2 * config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * d * tokens * 4
     logits = 4 * tokens * config["vocab_size"] * 4
-    reference = s["params"] * BYTES_PER[reference_dtype] if reference_dtype else 0
-    return int(BASE_BYTES + weights + kv + logits + reference)
+    run = weights + kv + logits
+    if reference_dtype:
+        reference = s["params"] * BYTES_PER[reference_dtype] + 2 * s["largest"] * 4 + kv + logits
+        run = max(run, reference)
+    return int(BASE_BYTES + run)
 
 
 def parse_size(text: str) -> int:
