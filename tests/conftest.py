@@ -139,3 +139,20 @@ def tiny_exports(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     for flavour, path in arts.items():
         export_checkpoint(ckpt, path, flavour=flavour, progress=False)
     return ckpt, arts
+
+
+@pytest.fixture(scope="session")
+def signing(nano_ort, tmp_path_factory):
+    """A signed copy of the nano (read-only for the tests), its signer's public key, and a public
+    key that did not sign it: for the servers' --public-key tests."""
+    pytest.importorskip("cryptography", reason="signatures need the cryptography package (the sign extra)")
+    import shutil
+
+    from starlift.core.signing import generate_keypair, sign_artifact
+
+    root = tmp_path_factory.mktemp("signed")
+    generate_keypair(root / "build.key")
+    generate_keypair(root / "other.key")
+    shutil.copytree(nano_ort, root / "signed")
+    sign_artifact(root / "signed", root / "build.key")
+    return {"artifact": root / "signed", "pub": root / "build.key.pub", "other": root / "other.key.pub"}

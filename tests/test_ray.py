@@ -120,20 +120,6 @@ class RayCluster:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def signing(nano_ort, tmp_path_factory):
-    """A signed copy of the nano and a public key that did not sign it."""
-    pytest.importorskip("cryptography", reason="signatures need the cryptography package (the sign extra)")
-    from starlift.core.signing import generate_keypair, sign_artifact
-
-    root = tmp_path_factory.mktemp("ray-signed")
-    generate_keypair(root / "build.key")
-    generate_keypair(root / "other.key")
-    shutil.copytree(nano_ort, root / "signed")
-    sign_artifact(root / "signed", root / "build.key")
-    return {"artifact": root / "signed", "pub": root / "build.key.pub", "other": root / "other.key.pub"}
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     cluster = RayCluster()

@@ -87,22 +87,6 @@ def server(nano_ort, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def signing(nano_ort, tmp_path_factory):
-    """A signed copy of the nano, its signer's public key, and another key."""
-    pytest.importorskip("cryptography", reason="signatures need the cryptography package (the sign extra)")
-    import shutil
-
-    from starlift.core.signing import generate_keypair, sign_artifact
-
-    root = tmp_path_factory.mktemp("serve-signed")
-    generate_keypair(root / "build.key")
-    generate_keypair(root / "other.key")
-    shutil.copytree(nano_ort, root / "signed")
-    sign_artifact(root / "signed", root / "build.key")
-    return {"artifact": root / "signed", "pub": root / "build.key.pub", "other": root / "other.key.pub"}
-
-
-@pytest.fixture(scope="module")
 def keyed_server(signing, tmp_path_factory):
     """A signed artifact served with --public-key, an API key and a chat template; the SIGTERM test
     ends it."""
