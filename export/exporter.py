@@ -22,7 +22,7 @@ from starlift.core import memory, tensor_map, tolerance
 from starlift.core.artifact import LOGITS_TO_KEEP, MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
-from starlift.core.memory import StagePeaks
+from starlift.core.memory import CUT_LAYERS, FULL_VALIDATION_BYTES, StagePeaks
 from starlift.core.signing import check_signing_key, sign_artifact
 from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
 from starlift.model.checkpoint import release_mapped_pages, weight_files
@@ -31,11 +31,6 @@ from . import flavours, heads, validate
 from .trace import trace
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
-# Auto validation: the whole graph up to this many weight bytes, above it a cut of CUT_LAYERS layers
-# (starlift/core/graphcut.py): ONNX Runtime's CPU provider holds fp32 copies of fp16 weights, and the torch
-# reference reads every weight once more, so a whole-graph check costs a multiple of the model.
-FULL_VALIDATION_BYTES = 1 << 30
-CUT_LAYERS = 2
 NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
 # The save (onnx_ir) materializes at most this many bytes of tensors at once (its default is 1 GiB,
 # more than a small model's weights), and the checkpoint pages it has read are dropped every

@@ -51,10 +51,9 @@ def peak_memory(config: Starcoder2Config) -> dict[str, int]:
     """The estimator's peak (bytes) for each stage of the big-model path (docs/guide/big-models.md):
     fp16 export validated on a cut graph, streaming int4 from it, one generation, parity."""
     from starlift.core import memory
-    from starlift.export.exporter import CUT_LAYERS
 
     hf = config.to_hf()
-    cut = CUT_LAYERS if config.num_hidden_layers > CUT_LAYERS else 0
+    cut = memory.CUT_LAYERS if config.num_hidden_layers > memory.CUT_LAYERS else 0
     return {
         "export_fp16": memory.estimate_export(hf, "fp16", validate_layers=cut, checkpoint_dtype="fp16"),
         "export_fp16_whole_validation": memory.estimate_export(hf, "fp16", validate_layers=0, checkpoint_dtype="fp16"),

@@ -12,6 +12,13 @@ import os
 import threading
 from pathlib import Path
 
+# Auto validation of an export: the whole graph up to this many weight bytes, above it a cut of
+# CUT_LAYERS layers (starlift/core/graphcut.py): ONNX Runtime's CPU provider holds fp32 copies of
+# fp16 weights, and the torch reference reads every weight once more, so a whole-graph check costs
+# a multiple of the model. Here (not in export/) so that `starlift info` estimates without torch.
+FULL_VALIDATION_BYTES = 1 << 30
+CUT_LAYERS = 2
+
 GIB = 1024 ** 3
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
