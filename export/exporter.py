@@ -39,6 +39,16 @@ SAVE_IN_FLIGHT_BYTES = 128 << 20
 RELEASE_EVERY_BYTES = 128 << 20
 
 
+def _save_in_flight_cap(save) -> dict:
+    """``max_in_flight_bytes`` for ``ir.save`` where onnx-ir has it (1.x); the oldest onnx-ir that
+    pyproject allows (0.1.16) has no cap and saves as before, with a higher peak."""
+    import inspect
+
+    if "max_in_flight_bytes" in inspect.signature(save).parameters:
+        return {"max_in_flight_bytes": SAVE_IN_FLIGHT_BYTES}
+    return {}
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -137,7 +147,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
             bar.update()
             stage("save")
             ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data", callback=_PageRelease(),
-                    max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
+                    **_save_in_flight_cap(ir.save))
             # onnxscript's module-level rewrite rules keep a reference to the last graph they
             # matched; dropping the tensors from the graph frees the weights all the same.
             for value in graph.graph.initializers.values():
