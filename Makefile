@@ -8,7 +8,7 @@ TORCH = torch==2.13.0
 OPTIMUM_VENV ?= .venv-optimum
 FLOORS_VENV ?= .venv-floors
 
-.PHONY: demo test test-floors docs optimum-venv
+.PHONY: demo test test-slow test-floors docs optimum-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,19 @@ demo: $(VENV)/bin/python
 	$(PIP) install -q $(TORCH) -e ".[export,openvino,genai]"
 	$(VENV)/bin/starlift demo
 
-test: $(VENV)/bin/python optimum-venv
+# The suite has two tiers (pytest marker `slow`, pyproject.toml). `make test` is the fast tier: every
+# stage end to end on real components (export both flavours, quantize, the four runners, engine,
+# server, parity, localization). `make test-slow` is the rest: each documentation page's examples,
+# the peers (optimum-onnx, llama.cpp), fresh-venv installs, half-precision exports, killed exports,
+# signing, Ray clusters, big-model paths, classification heads. CI (.ci/run) runs both.
+test: $(VENV)/bin/python
+	$(PIP) install -q $(TORCH) -e ".[test]"
+	$(VENV)/bin/python -m pytest -q -m "not slow" --durations=10
+
+test-slow: $(VENV)/bin/python optimum-venv
 	$(PIP) install -q $(TORCH) -e ".[test]"
 	STARLIFT_OPTIMUM_PYTHON=$(abspath $(OPTIMUM_VENV))/bin/python STARLIFT_LLAMA_CPP=$(LLAMA_DIR) \
-		$(VENV)/bin/python -m pytest -q --durations=15
+		$(VENV)/bin/python -m pytest -q -m slow --durations=15
 
 # The documentation site (MkDocs + mkdocstrings), warnings as errors: into site/.
 # Its own venv with a regular (not editable) install: griffe follows an editable install's finder

@@ -37,6 +37,7 @@ def art(ckpt):
     return ckpt.parent / "art"
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path, ckpt, art):
     _needs("openvino", "onnxruntime_genai", "transformers")
     exe = Path(sys.executable).with_name("starlift")
@@ -85,6 +86,7 @@ def wide(tmp_path_factory):
     return ckpt, root / "art", root / "optimum-cache"
 
 
+@pytest.mark.slow
 def test_bench_optimum_rows(tmp_path, wide):
     python = _optimum_python()
     ckpt, art, cache = wide
@@ -117,6 +119,7 @@ def test_bench_optimum_rows(tmp_path, wide):
     assert len(list(cache.iterdir())) == 3  # fp32, int8, int4 exports, no temporary folder left
 
 
+@pytest.mark.slow
 def test_optimum_fp32_greedy_matches_transformers(wide):
     """The optimum peer runs the same model: its greedy tokens and every step's logits equal transformers',
     past the sliding window (16) and for a batch of 2."""
@@ -144,6 +147,7 @@ def test_optimum_fp32_greedy_matches_transformers(wide):
     assert np.abs(np.array(got["logits"]) - ref).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_optimum_errors_name_the_problem(tmp_path, ckpt):
     from starlift.bench import speed as bench
     from starlift.core.errors import UsageError
@@ -162,6 +166,7 @@ def test_optimum_errors_name_the_problem(tmp_path, ckpt):
     peer.deactivate()
 
 
+@pytest.mark.slow
 def test_optimum_worker_failure_is_a_peer_error(tmp_path, ckpt):
     import shutil
 
@@ -179,6 +184,7 @@ def test_optimum_worker_failure_is_a_peer_error(tmp_path, ckpt):
 
 # --- starlift profile: where a step's time goes ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_profile_reports_kernels_by_op_and_python_overhead(tmp_path, ckpt):
     export_checkpoint(ckpt, tmp_path / "ort", flavour="ort", progress=False)
     exe = Path(sys.executable).with_name("starlift")
@@ -198,6 +204,7 @@ def test_profile_reports_kernels_by_op_and_python_overhead(tmp_path, ckpt):
     assert not list(Path.cwd().glob("starlift-ort-profile*"))  # the trace is removed
 
 
+@pytest.mark.slow
 def test_bench_serve_smoke(tmp_path):
     """`starlift bench-serve` on a tiny ort artifact: every measurement is present (speed is not tested)."""
     ckpt = write_hf_checkpoint(tmp_path / "ckpt", seed=1)
@@ -224,6 +231,7 @@ def test_profile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     assert proc.returncode == 2 and "not an artifact folder" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_sequential_loads_one_row_at_a_time(ckpt, art):
     """--sequential (models too big to load together): every row measured, the report says the rows
     were not interleaved, and the roofline uses the highest read bandwidth sampled."""
@@ -246,6 +254,7 @@ def test_bench_sequential_loads_one_row_at_a_time(ckpt, art):
         assert "vs_best_peer_paired" not in r  # rows measured minutes apart are not paired
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 def test_decode_read_bytes_counts_what_a_step_reads(tmp_path, tied):
     """The roofline's bytes per step: every weight, except an embedding table that only a Gather

@@ -17,6 +17,8 @@ from starlift.export import export_checkpoint
 from starlift.quantize import quantize_artifact
 from tests.conftest import write_hf_checkpoint
 
+pytestmark = pytest.mark.slow  # the slow tier: `make test-slow` (CI runs both)
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

@@ -44,6 +44,7 @@ def test_info_on_preset_text():
     assert "3030.37M parameters" in out and "2 KV heads" in out
 
 
+@pytest.mark.slow
 def test_init_random_then_refuse_existing(tmp_path):
     out = tmp_path / "r"
     run("init-random", "tiny", out, "--seed", "3", check=True)
@@ -97,6 +98,7 @@ def test_every_option_is_described_with_its_default():
     assert "(default: 64)" in generate and "runs silently" in generate  # --max-new-tokens, --no-verify
 
 
+@pytest.mark.slow
 def test_output_folders_get_parents_and_umask_permissions(tiny_checkpoint, tmp_path):
     """`starlift export CKPT out/a/b`: the missing parents are made, the artifact folder gets what
     the umask gives a new folder (not mkdtemp's 0700), and no progress bar lands in a pipe."""

@@ -38,6 +38,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # the slow tier: `make test-slow` (CI runs both)
+
 DOCS = REPO / "docs"
 RUN_LANGS = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python", "py": "python"}
 SKIP = re.compile(r"^<!--\s*skip-test:\s*(.*?)\s*-->$")

@@ -188,6 +188,7 @@ def test_onnxruntime_genai_greedy_equals_transformers(artifact, hf):
     assert len(set(expected[len(prompt):])) >= 3  # a greedy run that does not collapse to one token
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,flavour", [("fp16", "portable"), ("fp16", "ort"), ("bf16", "portable")])
 def test_half_precision_exports(tmp_path, varied_checkpoint, dtype, flavour):
     out = tmp_path / dtype
@@ -222,6 +223,7 @@ def test_half_precision_exports(tmp_path, varied_checkpoint, dtype, flavour):
         assert np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_tied_embedding_stored_once_and_size_ratio(tmp_path):
     ckpt = write_hf_checkpoint(tmp_path / "mid", seed=2, vocab_size=8192, hidden_size=128, intermediate_size=512,
                                num_attention_heads=4, num_key_value_heads=2)
@@ -282,6 +284,7 @@ def test_bad_inputs_leave_nothing(tmp_path, varied_checkpoint):
     assert _no_litter(tmp_path)
 
 
+@pytest.mark.slow
 def test_failed_validation_removes_artifact(tmp_path, varied_checkpoint, monkeypatch):
     """A graph that disagrees with the reference fails the export and leaves nothing behind."""
     from starlift.core import tolerance
@@ -383,6 +386,7 @@ def test_onnxruntime_genai_batch_of_unequal_prompts_equals_transformers(artifact
         assert len(got) >= len(expected)
 
 
+@pytest.mark.slow
 def test_ort_flavour_refuses_a_partly_fused_graph(varied_checkpoint):
     """The ort flavour's manifest promises an in-place KV buffer for every layer: a graph where
     fewer GroupQueryAttention (or RotaryEmbedding) nodes than layers were fused is an error, not

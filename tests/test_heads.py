@@ -172,6 +172,7 @@ def test_no_pad_token_refuses_batches_like_transformers(tmp_path):
 
 # ---- exported artifacts ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,flavour", EXPORTS)
 def test_artifacts_match_transformers_on_onnxruntime_and_openvino(name, flavour, head_checkpoints, head_artifacts):
     artifact = head_artifacts[name, flavour]
@@ -193,6 +194,7 @@ def test_artifacts_match_transformers_on_onnxruntime_and_openvino(name, flavour,
         assert manifest["fusions"]["group_query_attention"] == 2 and manifest["fusions"]["rotary_embedding"] == 4
 
 
+@pytest.mark.slow
 def test_head_graph_contract(head_artifacts):
     import onnx
 
@@ -236,6 +238,7 @@ def _same(ours, theirs):
             assert ours[key] == value, (key, ours, theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_text_classification_pipeline_equals_transformers(backend, head_checkpoints, head_artifacts):
     ckpt = head_checkpoints["seq2"]
@@ -248,6 +251,7 @@ def test_text_classification_pipeline_equals_transformers(backend, head_checkpoi
         _same(ours(TEXTS, **kwargs), theirs(TEXTS, **kwargs))
 
 
+@pytest.mark.slow
 def test_token_classification_pipeline_equals_transformers(head_checkpoints, head_artifacts):
     ckpt = head_checkpoints["tok5"]
     theirs = _hf_pipeline("token-classification", ckpt)
@@ -265,6 +269,7 @@ def test_token_classification_pipeline_equals_transformers(head_checkpoints, hea
     _same(pipe(TEXTS, aggregation_strategy="simple"), theirs(TEXTS, aggregation_strategy="simple"))
 
 
+@pytest.mark.slow
 def test_pipelines_refuse_wrong_task_and_bad_arguments(tmp_path, head_artifacts, head_checkpoints):
     with pytest.raises(UsageError, match="is a token-classification model"):
         starlift.pipeline("text-classification", model=head_artifacts["tok5", "ort"])
@@ -285,6 +290,7 @@ def test_pipelines_refuse_wrong_task_and_bad_arguments(tmp_path, head_artifacts,
 
 # ---- quantize, parity, CLI -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_quantized_classifier_keeps_its_head_and_is_judged_on_labels(tmp_path, head_artifacts):
     import onnx
 
@@ -309,6 +315,7 @@ def test_quantized_classifier_keeps_its_head_and_is_judged_on_labels(tmp_path, h
         quantize_artifact(src, tmp_path / "h4", mode="int4", head_bits=4, progress=False)
 
 
+@pytest.mark.slow
 def test_parity_and_classify_commands(tmp_path, head_checkpoints, head_artifacts, capsys):
     from starlift.cli import main
     from starlift.evaluation import parity

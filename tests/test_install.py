@@ -18,7 +18,7 @@ import pytest
 import starlift
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.index
+pytestmark = [pytest.mark.index, pytest.mark.slow]
 
 # pip's words for "the index (or a wheel) could not be reached": only these make the test skip
 OFFLINE = ("No matching distribution found", "Could not find a version that satisfies", "NewConnectionError",

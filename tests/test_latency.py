@@ -15,16 +15,10 @@ import pytest
 
 import starlift
 from starlift.bench import latency
-from starlift.export import export_checkpoint
 from starlift.model import resolve_checkpoint
 from starlift.model.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def nano_ort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nano") / "ort"
-    export_checkpoint("starcoder2-nano", out, flavour="ort", progress=False)
-    return out
+pytestmark = pytest.mark.slow  # the slow tier: `make test-slow` (CI runs both)
 
 
 def test_requests_are_built_from_held_out_files():

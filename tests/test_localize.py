@@ -254,6 +254,7 @@ def test_quantized_artifacts_are_judged_by_their_own_tolerance(setup, tmp_path, 
         assert run(setup, out, "openvino")["first_divergence"] is None
 
 
+@pytest.mark.slow
 def test_cli_localize_json_and_plot(setup, tmp_path):
     _, ckpt, arts, *_ = setup
     faulty = scale_weight(arts["ort"], tmp_path / "faulty", 2, "mlp.c_fc")

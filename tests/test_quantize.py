@@ -156,6 +156,7 @@ def nano_int4(nano_ort, tmp_path_factory):
     return out, quantize_artifact(nano_ort, out, mode="int4", progress=False)
 
 
+@pytest.mark.slow
 def test_default_quality_text_is_thousands_of_tokens_of_real_code(nano_int4, nano_ort, tmp_path):
     """Without --eval-text the gate reads the built-in snippet plus four standard-library modules
     (held out from starcoder2-nano's training): 4 windows of 1024 tokens, not ~200 tokens where
@@ -212,6 +213,7 @@ def test_repeated_casts_of_old_fp16_converters_are_merged():
     assert a.tolist() == [0.0, 2.0] and b.tolist() == [1.5, -2.0]
 
 
+@pytest.mark.slow
 def test_an_artifact_that_passed_its_gate_passes_parity(nano_int4):
     """The README's own command, right after `starlift quantize --mode int4` passed its gate, used to
     fail (top-1 0.896 on ~48 positions of another text against a 0.9 bound). Now parity reads the

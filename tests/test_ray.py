@@ -31,6 +31,8 @@ psutil = pytest.importorskip("psutil", reason="psutil (bench extra) finds the cl
 
 from tests.test_serve import ServerProcess  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the slow tier: `make test-slow` (CI runs both)
+
 BIN = Path(sys.executable).parent
 EXE = BIN / "starlift"
 MODEL = "nano"

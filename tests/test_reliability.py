@@ -47,6 +47,7 @@ def text_gen(tmp_path_factory, shared_tokenizer):
     gen.close()
 
 
+@pytest.mark.slow
 def test_killed_exports_leave_nothing_and_rerun_succeeds(ckpt, tmp_path):
     """SIGKILL can't be caught, so its temp folder may remain (never a partial OUT); SIGINT and
     SIGTERM are handled and leave nothing at all."""
@@ -69,6 +70,7 @@ def test_killed_exports_leave_nothing_and_rerun_succeeds(ckpt, tmp_path):
     verify(out)
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_nothing(ckpt, tmp_path):
     """RLIMIT_FSIZE makes the write of model.onnx.data fail like a full disk."""
     def limit():
@@ -83,6 +85,7 @@ def test_full_disk_leaves_nothing(ckpt, tmp_path):
     assert not out.exists() and not litter(tmp_path)
 
 
+@pytest.mark.slow
 def test_existing_output_is_never_overwritten_without_force(ckpt, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -225,6 +228,7 @@ def test_property_generation_is_valid_text(text_gen, prompt, temperature, top_k,
     assert "".join(text_gen.stream(prompt, **kw)) == text
 
 
+@pytest.mark.slow
 def test_pickle_checkpoint_refused_by_export(ckpt, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -263,6 +267,7 @@ def test_transformers_keywords_map_or_name_the_starlift_way(text_gen):
     assert text_gen.fim("a = ", "\n", max_new_tokens=4, do_sample=False) == text_gen.fim("a = ", "\n", max_new_tokens=4)
 
 
+@pytest.mark.slow
 def test_loading_hashes_once_then_trusts_an_unchanged_stamp(ckpt, tmp_path):
     """The first load hashes every file and records a stamp (size, mtime, ctime, inode); the next
     loads trust it while nothing changed. A write that keeps size and mtime still changes ctime:

@@ -253,6 +253,7 @@ def test_models_health_metrics(server, client):
     assert metric(server.url, "starlift_http_requests_total", '{route="/v1/completions",status="200"}') >= 1
 
 
+@pytest.mark.slow
 def test_parity_over_http(server, tmp_path):
     """`starlift parity --url` gates the running endpoint as a file is gated: the nano server passes
     against its own checkpoint (fp32, read from GET /v1/models), and fails (exit 1) against a copy
@@ -464,6 +465,7 @@ def test_unsigned_or_wrongly_signed_artifacts_are_refused(nano_ort, signing):
         assert "signature" in proc.stderr.lower() or "signed" in proc.stderr.lower(), proc.stderr
 
 
+@pytest.mark.slow
 def test_classify_route_for_a_classification_artifact(tmp_path):
     """A sequence-classification artifact is served on /v1/classify, with the pipeline's labels
     and scores; the generation routes say to use it."""

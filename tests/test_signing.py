@@ -21,6 +21,8 @@ pytest.importorskip("cryptography", reason="signatures need the cryptography pac
 
 from starlift.core.signing import SIGNATURE, generate_keypair, sign_artifact  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the slow tier: `make test-slow` (CI runs both)
+
 
 def _cli(*args):
     exe = Path(sys.executable).with_name("starlift")

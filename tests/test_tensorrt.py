@@ -29,6 +29,8 @@ from starlift.runtimes.tensorrt_runner import (
     profile_shapes,
 )
 
+pytestmark = pytest.mark.slow  # the slow tier: `make test-slow` (CI runs both)
+
 TRT_SKIP_REASON = ("TensorRT is not installed here (not on this machine's package index) and no NVIDIA GPU: "
                    "the TensorRT runner is unverified")
 
