@@ -142,6 +142,21 @@ def tiny_exports(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 
 @pytest.fixture(scope="session")
+def text_exports(tmp_path_factory, shared_tokenizer) -> tuple[Path, dict[str, Path]]:
+    """A tiny checkpoint with the real StarCoder2 tokenizer (vocab 49152) and its fp32 artifacts
+    in both flavours, exported once for the runner and generation-input tests (read-only)."""
+    from starlift.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("text")
+    ckpt = write_hf_checkpoint(root / "ckpt", seed=3, tokenizer=shared_tokenizer, vocab_size=49152,
+                               initializer_range=0.3)
+    arts = {flavour: root / flavour for flavour in ("portable", "ort")}
+    for flavour, path in arts.items():
+        export_checkpoint(ckpt, path, flavour=flavour, progress=False)
+    return ckpt, arts
+
+
+@pytest.fixture(scope="session")
 def signing(nano_ort, tmp_path_factory):
     """A signed copy of the nano (read-only for the tests), its signer's public key, and a public
     key that did not sign it: for the servers' --public-key tests."""

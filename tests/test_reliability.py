@@ -37,12 +37,8 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def text_gen(tmp_path_factory, shared_tokenizer):
-    root = tmp_path_factory.mktemp("relgen")
-    ckpt = write_hf_checkpoint(root / "ckpt", seed=9, tokenizer=shared_tokenizer, vocab_size=49152,
-                               initializer_range=0.3)
-    export_checkpoint(ckpt, root / "art", progress=False)
-    gen = starlift.load(root / "art")
+def text_gen(text_exports):
+    gen = starlift.load(text_exports[1]["portable"])  # conftest's session export (the real tokenizer)
     yield gen
     gen.close()
 
@@ -96,11 +92,9 @@ def test_existing_output_is_never_overwritten_without_force(ckpt, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def intact(ckpt, tmp_path_factory):
-    """One exported artifact; tests that damage one copy it."""
-    art = tmp_path_factory.mktemp("intact") / "a"
-    export_checkpoint(ckpt, art, progress=False)
-    return art
+def intact(tiny_exports):
+    """One exported artifact (the session's; vocab 99); tests that damage one copy it."""
+    return tiny_exports[1]["portable"]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "config", "symlink", "absolute"])

@@ -9,9 +9,8 @@ import torch
 
 import starlift
 from starlift.core.errors import UsageError
-from starlift.export import export_checkpoint
 from starlift.runtimes import BACKENDS
-from tests.conftest import load_hf, write_hf_checkpoint
+from tests.conftest import load_hf
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\nimport sys\n", "x = [1, 2, 3]\n"]
 
@@ -30,16 +29,13 @@ def test_every_backend_is_covered():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, shared_tokenizer):
-    return write_hf_checkpoint(tmp_path_factory.mktemp("rt") / "ckpt", seed=3, tokenizer=shared_tokenizer,
-                               vocab_size=49152, initializer_range=0.3)
+def checkpoint(text_exports):
+    return text_exports[0]  # conftest: the real tokenizer, exported once per session
 
 
 @pytest.fixture(scope="module")
-def artifacts(checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    return {f: export_checkpoint(checkpoint, root / f, flavour=f, progress=False) and root / f
-            for f in ("portable", "ort")}
+def artifacts(text_exports):
+    return text_exports[1]
 
 
 @pytest.fixture(scope="module", params=RUNNERS, ids=[r[0] for r in RUNNERS])
