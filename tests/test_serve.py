@@ -456,6 +456,29 @@ def test_bad_options_and_a_tampered_artifact_are_refused_before_serving(nano_ort
     assert proc.returncode == 1 and "config.json" in proc.stderr and "ready on" not in proc.stdout
 
 
+def test_session_config_reaches_onnx_runtime(nano_ort):
+    """A server's ORT threads sleep between kernels by default (they share the cores with the HTTP
+    side); --session-config entries go over that default into the real session."""
+    import starlift
+    from starlift.cli.serve import session_config_of
+    from starlift.core.errors import UsageError
+    from starlift.serve.build import ServeOptions, runner_options_of
+
+    spinning = "session.intra_op.allow_spinning"
+    for entries, expected in (([], "0"), ([f"{spinning}=1"], "1")):
+        options = runner_options_of(ServeOptions(str(nano_ort), session_config=session_config_of(entries)))
+        gen = starlift.load(nano_ort, **options)
+        try:
+            assert gen.runner.session.get_session_options().get_session_config_entry(spinning) == expected
+        finally:
+            gen.close()
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        session_config_of(["allow_spinning"])
+    proc = subprocess.run([str(EXE), "serve", str(nano_ort), "--backend", "openvino", "--session-config",
+                           f"{spinning}=0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--session-config" in proc.stderr and "ready on" not in proc.stdout
+
+
 def test_unsigned_or_wrongly_signed_artifacts_are_refused(nano_ort, signing):
     """--public-key: the signature is checked before the model loads; no server ever listens."""
     for artifact, key in ((nano_ort, signing["pub"]), (signing["artifact"], signing["other"])):

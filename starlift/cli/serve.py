@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-period", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads")
+    p.add_argument("--session-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="an ONNX Runtime session config entry (repeatable; onnxruntime backend only; default: "
+                        "session.intra_op.allow_spinning=0, the runtime's threads sleep between kernels instead of "
+                        "busy-waiting: =1 restores spinning)")
     p.add_argument("--public-key", default=None,
                    help="refuse the artifact unless it is signed by this public key (KEY.pub) or one in this folder; "
                         "checked before the model is loaded (default: no signature required)")
@@ -73,6 +77,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--port must be a port number (0-65535), got {args.port}")
     if args.grace_period < 0:
         raise UsageError(f"--grace-period must be >= 0 seconds, got {args.grace_period}")
+    args.session_config = session_config_of(args.session_config)
+    if args.session_config and args.backend != "onnxruntime":
+        raise UsageError(f"--session-config sets ONNX Runtime session options; the {args.backend} backend has none")
     if args.chat_template and not Path(args.chat_template).is_file():
         raise UsageError(f"--chat-template {args.chat_template}: no such file")
     if not args.ray:
@@ -95,6 +102,19 @@ def _check(args: argparse.Namespace) -> None:
         args.autoscale = (low, high)
 
 
+def session_config_of(entries: list[str] | dict) -> dict[str, str]:
+    """``KEY=VALUE`` entries as a dict (a dict passes through)."""
+    if isinstance(entries, dict):
+        return entries
+    config = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--session-config takes KEY=VALUE, got {entry!r}")
+        config[key] = value
+    return config
+
+
 def _imports():
     try:
         import fastapi  # noqa: F401
@@ -113,7 +133,7 @@ def options_of(args: argparse.Namespace):
     return ServeOptions(
         artifact=str(args.artifact), backend=args.backend, max_concurrency=args.max_concurrency,
         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
-        threads=args.threads, api_key=args.api_key,
+        threads=args.threads, session_config=args.session_config, api_key=args.api_key,
         served_model_name=args.served_model_name, public_key=args.public_key, verify=not args.no_verify,
         chat_template=Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None)
 

@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# A server shares its cores with its own HTTP threads (and, on a small machine, with clients and
+# neighbours): ONNX Runtime's intra-op threads then must not busy-wait between kernels. With
+# spinning, a step's parallel loops wait for a thread the OS has given to someone else, and every
+# other thread burns its core meanwhile. Measured on 2 cores (docs/performance/serve.md): no
+# difference on a quiet machine, 1.3-1.7x the throughput with other jobs running.
+SERVE_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
 
 @dataclass
 class ServeOptions:
@@ -22,6 +29,7 @@ class ServeOptions:
     prefill_chunk: int | None = None
     prefill_budget: int | None = None
     threads: int | None = None
+    session_config: dict[str, str] | None = None  # ONNX Runtime session config entries, over SERVE_SESSION_CONFIG
     api_key: str | None = None
     served_model_name: str | None = None
     chat_template: str | None = None  # the template's text (read where the command runs)
@@ -51,8 +59,8 @@ def build_app(options: ServeOptions) -> BuiltApp:
     from .app import chat_template_of, create_app, create_classify_app
 
     o = options
-    runner_options = {"threads": o.threads} if o.threads else {}
     task = artifact_task(Path(o.artifact)) if is_artifact(o.artifact) else "text-generation"
+    runner_options = runner_options_of(o, task)
     if task != "text-generation":  # a classification artifact: /v1/classify
         pipe = starlift.pipeline(task, o.artifact, backend=o.backend, verify_artifact=o.verify,
                                  public_key=o.public_key, **runner_options)
@@ -81,6 +89,21 @@ def build_app(options: ServeOptions) -> BuiltApp:
         gen.close()
         raise
     return BuiltApp(app, gen.close, task, gen.backend)
+
+
+def runner_options_of(options: ServeOptions, task: str = "text-generation") -> dict[str, Any]:
+    """The runner's options for a served artifact: threads, and for ONNX Runtime's generation runner
+    the session config (``SERVE_SESSION_CONFIG`` under the user's entries)."""
+    from starlift.core.errors import UsageError
+
+    o = options
+    runner_options: dict[str, Any] = {"threads": o.threads} if o.threads else {}
+    if task != "text-generation":
+        if o.session_config:
+            raise UsageError("--session-config applies to text-generation artifacts only")
+    elif o.backend == "onnxruntime":
+        runner_options["session_config"] = {**SERVE_SESSION_CONFIG, **(o.session_config or {})}
+    return runner_options
 
 
 def warm_up(gen) -> None:
