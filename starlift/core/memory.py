@@ -18,6 +18,10 @@ from pathlib import Path
 # a multiple of the model. Here (not in export/) so that `starlift info` estimates without torch.
 FULL_VALIDATION_BYTES = 1 << 30
 CUT_LAYERS = 2
+# Above this many weight bytes the export builds (torch: load, reference, trace, save) in a child
+# process that exits before ONNX Runtime validates the artifact (export/build.py): the
+# validating process then holds no torch and no tracer, only the session's weights.
+ISOLATE_BYTES = 64 << 20
 
 GIB = 1024 ** 3
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -42,9 +46,10 @@ def available_bytes() -> int | None:
     return meminfo().get("MemAvailable")
 
 
-def rss_bytes() -> int | None:
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident bytes of this process (or of ``pid``); None where /proc has no such process."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * _PAGE
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
 
@@ -67,6 +72,9 @@ class StagePeaks:
             peaks.stage("load"); ...
             peaks.stage("save"); ...
         peaks.result()  # {"load": bytes, "save": bytes, ..., "process_peak": VmHWM}
+
+    ``watch(pid)``: while a child process does part of the work, each sample is this process's
+    RSS plus the child's (both hold memory at once: the sum is what the machine needs).
     """
 
     def __init__(self, interval: float = 0.05):
@@ -76,11 +84,24 @@ class StagePeaks:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._child: int | None = None
+
+    @property
+    def current(self) -> str | None:
+        return self._current
+
+    def watch(self, pid: int | None) -> None:
+        """Add ``pid``'s RSS to every sample from now on (None: stop)."""
+        self._sample()
+        self._child = pid
 
     def _sample(self) -> None:
         rss = rss_bytes()
         if rss is None:
             return
+        child = self._child
+        if child is not None:
+            rss += rss_bytes(child) or 0
         with self._lock:
             if self._current is not None:
                 self.peaks[self._current] = max(self.peaks.get(self._current, 0), rss)
@@ -148,7 +169,8 @@ def model_sizes(config: dict) -> dict[str, int]:
 SAVE_WINDOW_BYTES = 256 << 20
 
 
-def estimate_export(config: dict, dtype: str, *, validate_layers: int, checkpoint_dtype: str | None = None) -> int:
+def estimate_export(config: dict, dtype: str, *, validate_layers: int, checkpoint_dtype: str | None = None,
+                    isolated: bool = False) -> int:
     """Peak bytes of ``starlift export``, the largest of its stages:
 
     - reference (whole validation only): the torch forward reads every weight of the
