@@ -60,8 +60,8 @@ class BuildRequest:
 
 def build(req: BuildRequest, stage: Callable[[str], None] = lambda name: None) -> dict[str, Any]:
     """Write ``req.out/model.onnx`` (+ data); returns ``reference`` (the torch logits the
-    validation compares with), ``fusions``, ``tensor_map`` and ``streamed_bytes`` (weights copied
-    from the checkpoint file as they are)."""
+    validation compares with), ``fusions``, ``tensor_map`` and ``file_weight_bytes`` (the weights
+    the save read from the checkpoint file, not from the model in memory)."""
     from starlift.model import Starcoder2Config, load_checkpoint
     from starlift.model.checkpoint import release_mapped_pages
 
@@ -100,6 +100,7 @@ def build(req: BuildRequest, stage: Callable[[str], None] = lambda name: None) -
 
     weights = checkpoint_tensors(folder, req.dtype)
     graph = trace(model, opset=req.opset, weights=weights)
+    from_file = int(graph.meta.get("starlift.file_weight_bytes", 0))
     del model
     gc.collect()
     release_mapped_pages()
@@ -117,8 +118,6 @@ def build(req: BuildRequest, stage: Callable[[str], None] = lambda name: None) -
     # where the reference's residual stream lives in this graph, after every pass
     tmap = tensor_map.resolve_ir(graph, config.num_hidden_layers)
     stage("save")
-    streamed = sum(v.const_value.nbytes for v in graph.graph.initializers.values()
-                   if isinstance(v.const_value, ir.ExternalTensor))
     ir.save(graph, Path(req.out) / MODEL_FILE, external_data=MODEL_FILE + ".data", callback=_PageRelease(),
             **_save_in_flight_cap(ir.save))
     # onnxscript's module-level rewrite rules keep a reference to the last graph they matched;
@@ -129,7 +128,7 @@ def build(req: BuildRequest, stage: Callable[[str], None] = lambda name: None) -
     del graph, weights
     gc.collect()
     release_mapped_pages()  # whatever still references the weights, their pages go
-    return {"reference": reference, "fusions": fusions, "tensor_map": tmap, "streamed_bytes": streamed}
+    return {"reference": reference, "fusions": fusions, "tensor_map": tmap, "file_weight_bytes": from_file}
 
 
 def checkpoint_tensors(folder: Path, dtype: str) -> dict[str, Any]:

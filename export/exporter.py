@@ -177,7 +177,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
                                            "weights), which had exited before this graph ran in ONNX Runtime")
             stage("package")
             build_memory = {"estimate_bytes": estimate, "peak_rss_bytes": peaks.result(),
-                            "isolated_build": isolate, "streamed_weight_bytes": built.get("streamed_bytes")}
+                            "isolated_build": isolate,
+                            # weights the save read from the checkpoint's file (the rest: converted in memory)
+                            "weights_from_file_bytes": built.get("file_weight_bytes")}
             if isolate:
                 build_memory["build_process_peak_rss_bytes"] = built.get("peak_rss_bytes")
                 build_memory["how"] = ("stage peaks are sampled RSS of this process plus the build process while it "

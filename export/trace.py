@@ -78,8 +78,8 @@ def trace(model: Starcoder2, opset: int = 18, weights: dict[str, ir.TensorProtoc
     # The exporter keeps a stack trace per node in metadata: most of the graph's bytes.
     ir.passes.common.ClearMetadataAndDocStringPass()(graph_model)
     _strip_wrapper_prefix(graph_model)
-    if weights:
-        _use_weights(graph_model, weights)
+    if weights:  # how many bytes now come from the file (not serialized: ir.Model.meta)
+        graph_model.meta["starlift.file_weight_bytes"] = _use_weights(graph_model, weights)
     _fold_weight_transposes(graph_model)
     _name_dims(graph_model)
     if c.task == "text-generation":  # a classifier's head reads every position (or picks its own)
@@ -160,14 +160,17 @@ def _strip_wrapper_prefix(model: ir.Model) -> None:
             model.graph.register_initializer(value)
 
 
-def _use_weights(model: ir.Model, weights: dict[str, ir.TensorProtocol]) -> None:
+def _use_weights(model: ir.Model, weights: dict[str, ir.TensorProtocol]) -> int:
     """Point the initializers named like a checkpoint tensor at ``weights[name]`` (same dtype and
-    shape only: a weight converted at load stays the model's)."""
+    shape only: a weight converted at load stays the model's); returns the bytes re-pointed."""
+    moved = 0
     for name, value in model.graph.initializers.items():
         tensor = weights.get(name)
         if (tensor is not None and value.const_value is not None and tensor.dtype == value.const_value.dtype
                 and tuple(tensor.shape) == tuple(value.const_value.shape)):
             value.const_value = tensor
+            moved += tensor.nbytes
+    return moved
 
 
 def _lazy_transpose(tensor: ir.TensorProtocol) -> ir.LazyTensor:
