@@ -164,35 +164,57 @@ def model_sizes(config: dict) -> dict[str, int]:
             "layer": layer, "layers": layers, "largest": max(h * i, embed)}
 
 
-# what onnx_ir's save may hold at once (export.exporter.SAVE_IN_FLIGHT_BYTES) plus the pages read
-# since the last release (RELEASE_EVERY_BYTES)
-SAVE_WINDOW_BYTES = 256 << 20
+# The export's processes (export/build.py), from the 113M fp32 export's samples (docs/performance/
+# bigmodels.md): the exporting process while the build runs (interpreter, numpy, starlift: 44 MiB
+# measured); the build process at its reference forward (torch, the model on its memory map: 0.38
+# GiB measured before the weights it reads) and from the trace on (torch.export's and onnxscript's
+# imports and the graph objects: 0.51 GiB measured); the validating process around its ONNX
+# Runtime session's weights (onnxruntime, numpy, the reference logits: 0.13 GiB measured).
+EXPORT_PARENT_BYTES = 48 << 20
+REFERENCE_BASE_BYTES = int(0.4 * GIB)
+BUILD_BASE_BYTES = int(0.55 * GIB)
+VALIDATE_BASE_BYTES = int(0.1 * GIB)
+# what onnx_ir's save may hold at once (export.build.SAVE_IN_FLIGHT_BYTES) plus the pages read
+# since the last release (RELEASE_EVERY_BYTES): weights converted in memory; weights stored in the
+# export's dtype are copied from the checkpoint file by the kernel and hold none
+SAVE_WINDOW_BYTES = 64 << 20
 
 
 def estimate_export(config: dict, dtype: str, *, validate_layers: int, checkpoint_dtype: str | None = None,
-                    isolated: bool = False) -> int:
+                    isolated: bool | None = None) -> int:
     """Peak bytes of ``starlift export``, the largest of its stages:
 
-    - reference (whole validation only): the torch forward reads every weight of the
-      memory-mapped checkpoint; the pages are dropped after it;
-    - save: a window of tensors in flight and pages read since the last release, and one weight
-      transposed for MatMul (the checkpoint's pages are dropped as the save goes);
-    - validate: ONNX Runtime's CPU provider keeps an fp32 copy of every fp16 weight it runs, of the
-      whole graph or of a cut of ``validate_layers`` layers (the cut torch reference runs before
-      the session and is released).
+    - reference: the torch forward (of the model, or of its first ``validate_layers`` layers)
+      drops the checkpoint pages it read after every layer: the embedding (the tied LM head reads
+      it whole), one layer, an untied head;
+    - save: a window of converted tensors in flight and pages read since the last release, and one
+      weight and its transpose (weights in the export's dtype are copied file to file);
+    - validate: ONNX Runtime's CPU provider holds the weights it runs (the whole graph or a cut
+      of ``validate_layers`` layers), plus an fp32 copy of every fp16 weight, and the logits.
 
-    A checkpoint stored in another dtype is converted in memory: the converted copy stays for the
-    whole build."""
+    ``isolated`` (default: above ISOLATE_BYTES of weights, as the export chooses): the first two
+    run in a build process that exits before the validation, beside the idle exporting process;
+    in one process the build's imports stay under the session. A checkpoint stored in another
+    dtype is converted in memory: the converted copy stays for the whole build."""
     s = model_sizes(config)
-    w = s["params"] * BYTES_PER[dtype]
+    per = BYTES_PER[dtype]
+    w = s["params"] * per
+    if isolated is None:
+        isolated = w > ISOLATE_BYTES
+    tied = config.get("tie_word_embeddings", True)
     converted = 0 if checkpoint_dtype in (None, dtype) else w
-    reference = 0 if validate_layers else w
-    build = converted + max(reference, SAVE_WINDOW_BYTES + 2 * s["largest"] * BYTES_PER[dtype])
+    reference = REFERENCE_BASE_BYTES + (s["embed"] + s["layer"] + (0 if tied else s["head"])) * per
+    transposed = max(config["hidden_size"] * config["intermediate_size"], 0 if tied else s["head"])
+    save = BUILD_BASE_BYTES + SAVE_WINDOW_BYTES + 2 * transposed * per
+    build = converted + max(reference, save)
     run_params = s["params"] if not validate_layers else s["embed"] + validate_layers * s["layer"] + (
-        s["head"] if not config.get("tie_word_embeddings", True) else 0)
+        0 if tied else s["head"])
     fp32_copies = 2 if dtype in ("fp16", "bf16") else 0
-    validate = run_params * BYTES_PER[dtype] * (1 + fp32_copies)
-    return int(BASE_BYTES + max(build, validate))
+    logits = 3 * 2 * 32 * config["vocab_size"] * 4  # the prefill's: ORT's, its float32 copy, the reference's
+    validate = VALIDATE_BASE_BYTES + run_params * per * (1 + fp32_copies) + logits
+    if isolated:
+        return int(max(EXPORT_PARENT_BYTES + build, validate))
+    return int(max(build, BUILD_BASE_BYTES + validate))
 
 
 def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_layers: int, streaming: bool,
