@@ -236,22 +236,58 @@ def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_lay
     return int(BASE_BYTES + max(build, run_src + logits))
 
 
-def estimate_run(config: dict, precision: str, *, tokens: int = 2048, reference_dtype: str | None = None) -> int:
-    """Peak bytes of one generation (``reference_dtype`` None) or of ``starlift parity`` against
-    the torch reference holding its weights in ``reference_dtype`` and computing in fp32 (one weight
-    cast at a time). Parity releases the reference before the artifact's session starts: the
-    larger of the two."""
+# One generation on ONNX Runtime (``starlift generate``): the interpreter, numpy, onnxruntime,
+# tokenizers and the engine (the 113M int4 run: 65 MB of imports, then the tokenizer).
+RUN_BASE_BYTES = 80 << 20
+# ONNX Runtime prepacks every MatMulNBits weight into MLAS's layout at session start (fp32 scales
+# and block sums beside the packed bits) and drops the mapped original: resident bytes per byte of
+# the artifact's quantized MatMul data. Measured 1.47 on the 113M int4 session (anonymous memory
+# grown at session creation, 113 MiB, over 77 MiB of quantized data; with prepacking off it grows
+# 21 MiB: the data file is mapped and read lazily); the 7b run's 7.10 GB (16 tokens) implies 1.64.
+# The larger, rounded up: the estimate sits above both.
+PREPACKED_PER_QUANTIZED_BYTE = 1.65
+
+
+def estimate_run(config: dict, precision: str, *, tokens: int = 2048, reference_dtype: str | None = None,
+                 source_dtype: str = "fp16") -> int:
+    """Peak bytes of one generation of a ``tokens``-token prompt (``reference_dtype`` None) or of
+    ``starlift parity`` against the torch reference holding its weights in ``reference_dtype`` and
+    computing in fp32 (one weight cast at a time). Parity releases the reference before the
+    artifact's session starts: the larger of the two.
+
+    A generation holds: for int4/int8 artifacts (quantized from a ``source_dtype`` artifact) the
+    prepacked MatMulNBits weights, the largest one's mapped original once more while it is packed
+    (the LM head at 8 bits), the embedding's rows it gathers (the embedding stays in the source
+    dtype, mapped, read by row); for fp16 artifacts an fp32 copy of every weight (ONNX Runtime's
+    CPU provider has no fp16 MatMul here: 3b fp16, 5.6 GiB of weights, ran at 11.3 GiB), for fp32
+    the weights and MLAS's packed copies of some. Then the prompt's logits (every position, fp32:
+    the 113M int4 run of a 1,612-token prompt peaked 359 MB above a 4-token one, 317 MB of it
+    logits), the layers' activations, and the KV cache in the activations' dtype, which grows by
+    doubling (1.5x of it while the old buffer is copied into the new)."""
     s = model_sizes(config)
-    weights = s["params"] * BYTES_PER[precision] + (s["embed"] * (2 - BYTES_PER[precision]) if precision in ("int4", "int8") else 0)
+    h, v = config["hidden_size"], config["vocab_size"]
+    quantized = precision in ("int4", "int8")
+    act = 4 if precision == "fp32" or (quantized and source_dtype == "fp32") else 2
+    if quantized:
+        matmuls = (s["params"] - s["embed"] - (0 if config.get("tie_word_embeddings", True) else s["head"]))
+        bits_bytes = BYTES_PER[precision] * (1 + 0.125 if precision == "int4" else 1 + 0.0625)  # + fp16 scales
+        head = v * h * (1 + 2 / 128)  # the LM head at 8 bits, blocks of 128
+        weights = PREPACKED_PER_QUANTIZED_BYTE * (matmuls * bits_bytes + head) + head
+    elif precision == "fp16":
+        weights = s["params"] * 4
+    else:
+        weights = s["params"] * 4 * 1.05
     heads = config["num_attention_heads"]
-    d = config.get("head_dim") or config["hidden_size"] // heads
-    kv = 2 * config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * d * tokens * 4
-    logits = 4 * tokens * config["vocab_size"] * 4
-    run = weights + kv + logits
+    d = config.get("head_dim") or h // heads
+    kv = 2 * config["num_hidden_layers"] * (config.get("num_key_value_heads") or heads) * d * tokens * act
+    logits = tokens * v * 4
+    hidden_states = tokens * (config["intermediate_size"] + 4 * h) * 4  # the MLP's and the residual's, fp32
+    run = RUN_BASE_BYTES + weights + 1.5 * kv + logits + hidden_states
     if reference_dtype:
-        reference = s["params"] * BYTES_PER[reference_dtype] + 2 * s["largest"] * 4 + kv + logits
+        kv32 = kv * 4 // act
+        reference = BASE_BYTES + s["params"] * BYTES_PER[reference_dtype] + 2 * s["largest"] * 4 + kv32 + 4 * logits
         run = max(run, reference)
-    return int(BASE_BYTES + run)
+    return int(run)
 
 
 def parse_size(text: str) -> int:
