@@ -49,6 +49,9 @@ def test_estimates_grow_with_the_model_and_the_budget_refuses(ckpt, tmp_path):
     assert memory.estimate_export(fifteen, "fp16", validate_layers=2) > cut
     stream = memory.estimate_quantize(seven, "fp16", "int4", quality_layers=2, streaming=True, eval_tokens=1024)
     assert stream < 0.5 * w7 < memory.estimate_quantize(seven, "fp32", "int4", quality_layers=0, streaming=False)
+    # generation: at or above what the 7b int4 session measured (7.10 GB for 16 tokens,
+    # docs/performance/bigmodels.md), and a long prompt costs more than a short one
+    assert 7.10e9 <= memory.estimate_run(seven, "int4", tokens=16) < memory.estimate_run(seven, "int4", tokens=2048)
     assert memory.parse_size("1.5G") == int(1.5 * memory.GIB) and memory.parse_size("800MiB") == 800 << 20
     with pytest.raises(UsageError, match="not a size"):
         memory.parse_size("lots")
