@@ -1,63 +1,59 @@
 """``export_checkpoint``: a Hugging Face StarCoder2 folder -> a validated, hashed artifact folder.
 
 Stages: load (memory-mapped) -> reference logits -> trace -> optimize/flavour -> save (external
-data, one tensor at a time) -> release the torch model -> validate in ONNX Runtime -> package
-(configs, manifest) -> rename the temporary folder into place. Any failure removes everything.
+data, one tensor at a time) -> validate in ONNX Runtime -> package (configs, manifest) -> rename
+the temporary folder into place. Any failure removes everything.
+
+The first five are the build (export/build.py, torch); for models above ISOLATE_BYTES of
+weights it runs in a child process that has exited before the validation starts, so the
+validating process never holds torch, the tracer's objects and ONNX Runtime's copy of the
+weights at the same time. This module imports no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
+import os
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from starlift.core import graphcut as cut
-from starlift.core import memory, tensor_map, tolerance
+from starlift.core import memory, tolerance
 from starlift.core.artifact import LOGITS_TO_KEEP, MODEL_FILE, genai_config, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir, sha256_file
-from starlift.core.memory import CUT_LAYERS, FULL_VALIDATION_BYTES, StagePeaks
+from starlift.core.memory import CUT_LAYERS, FULL_VALIDATION_BYTES, ISOLATE_BYTES, StagePeaks
 from starlift.core.signing import check_signing_key, sign_artifact
-from starlift.model import Starcoder2Config, load_checkpoint, resolve_checkpoint
-from starlift.model.checkpoint import release_mapped_pages, weight_files
+from starlift.model import Starcoder2Config, resolve_checkpoint
+from starlift.model.folders import read_safetensors_header, weight_files
 
 from . import flavours, heads, validate
-from .trace import trace
+from .build import BuildRequest
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 NUMPY_KV = {"fp32": np.float32, "fp16": np.float16}
-# The save (onnx_ir) materializes at most this many bytes of tensors at once (its default is 1 GiB,
-# more than a small model's weights), and the checkpoint pages it has read are dropped every
-# RELEASE_EVERY_BYTES (_PageRelease).
-SAVE_IN_FLIGHT_BYTES = 128 << 20
-RELEASE_EVERY_BYTES = 128 << 20
-
-
-def _save_in_flight_cap(save) -> dict:
-    """``max_in_flight_bytes`` for ``ir.save`` where onnx-ir has it (1.x); the oldest onnx-ir that
-    pyproject allows (0.1.16) has no cap and saves as before, with a higher peak."""
-    import inspect
-
-    if "max_in_flight_bytes" in inspect.signature(save).parameters:
-        return {"max_in_flight_bytes": SAVE_IN_FLIGHT_BYTES}
-    return {}
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
     from starlift import __version__
 
-    return {"starlift": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    def of(name: str) -> str:  # the installed version, without importing torch into this process
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"starlift": __version__, "torch": of("torch"), "onnx": of("onnx"),
+            "onnxruntime": of("onnxruntime"), "python": platform.python_version()}
 
 
 def _progress(total: int, enabled: bool):
@@ -69,17 +65,19 @@ def _progress(total: int, enabled: bool):
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str = "portable", dtype: str = "fp32",
                       opset: int = 18, force: bool = False, progress: bool = True, validate_steps: int = 8,
                       allow_pickle: bool = False, sign_key: str | Path | None = None,
-                      validate_layers: int | None = None, max_memory: int | None = None) -> dict[str, Any]:
+                      validate_layers: int | None = None, max_memory: int | None = None,
+                      isolate: bool | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` to the artifact folder ``out``; returns the manifest.
 
     ``validate_layers``: 0 validates the whole graph, N > 0 a cut of its first N layers plus the
     final norm and head (starlift/core/graphcut.py), None chooses (whole up to FULL_VALIDATION_BYTES of weights).
     ``max_memory``: bytes the export may use (default: the machine's available memory); an
     export whose estimated peak is larger is refused before it starts.
+    ``isolate``: build (load, reference, trace, save) in a child process that exits before the
+    validation; None: when the weights exceed ISOLATE_BYTES (below, the child's start-up, a few
+    seconds of imports, costs more than the memory it saves).
 
     ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
-    import onnx_ir as ir
-
     if flavour not in flavours.FLAVOURS:
         raise UsageError(f"unknown flavour {flavour!r}; choose one of {', '.join(flavours.FLAVOURS)}")
     if dtype not in DTYPE_CHOICES:
@@ -92,15 +90,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     if sign_key is not None:
         check_signing_key(sign_key)  # a wrong key fails now, not after the export
     bytes_per = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+    weight_bytes = config.num_parameters() * bytes_per
     if validate_layers is None:
-        big = config.num_parameters() * bytes_per > FULL_VALIDATION_BYTES
+        big = weight_bytes > FULL_VALIDATION_BYTES
         validate_layers = CUT_LAYERS if big and config.num_hidden_layers > CUT_LAYERS else 0
     if config.head is not None:
         validate_layers = 0  # a classifier's validation is one pass of its own (export/heads.py), whole
     if validate_layers < 0 or validate_layers >= max(config.num_hidden_layers, 1) and validate_layers:
         raise UsageError(f"--validate-layers {validate_layers}: use 0 (the whole graph) or 1..{config.num_hidden_layers - 1}")
+    if isolate is None:
+        isolate = weight_bytes > ISOLATE_BYTES
     estimate = memory.estimate_export(config.to_hf(), dtype, validate_layers=validate_layers,
-                                      checkpoint_dtype=_stored_dtype(folder))
+                                      checkpoint_dtype=_stored_dtype(folder), isolated=isolate)
     memory.check_fits("export", estimate, max_memory,
                       fix="validate a cut graph (--validate-layers 1), free memory, or export on a larger machine")
 
@@ -109,60 +110,30 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     peaks = StagePeaks()
 
     def stage(name: str) -> None:
+        if peaks.current is not None:
+            bar.update()
         bar.set_description(f"export: {name}")
         peaks.stage(name)
 
     try:
         with peaks, atomic_output_dir(out, force=force) as tmp:
-            stage("load")
-            model = load_checkpoint(folder, dtype=dtype, allow_pickle=allow_pickle)
-            bar.update()
-            stage("reference")
-            if config.head is None:
-                case = validate.make_case(config.vocab_size, steps=validate_steps)
-                # a cut validation computes its reference on the cut model (validate stage): a forward
-                # of the whole model would read every weight for a comparison that does not use it
-                reference = validate.reference_logits(model, case) if not validate_layers else None
-            else:  # a classifier: one pass over a padded batch, no cache
-                case = heads.make_case(config.vocab_size, config.pad_token_id)
-                reference = heads.reference_outputs(model, case)
-            # the forward read every weight into the process; the save reads each again (from the
-            # page cache) when it writes it, so none needs to stay resident in between
-            release_mapped_pages()
-            bar.update()
-            stage("trace")
-            graph = trace(model, opset=opset)
-            bar.update()
-            stage("optimize")
-            graph = flavours.optimize_portable(graph)
-            flavours.check_portable(graph)
-            fusions: dict[str, int] = {}
-            if flavour == "ort":
-                graph, fusions = flavours.to_ort(graph, config)
-            if config.head is not None:
-                heads.drop_cache(graph, config.num_hidden_layers)
-            graph.producer_name, graph.producer_version = "starlift", _versions()["starlift"]
-            # where the reference's residual stream lives in this graph, after every pass
-            tmap = tensor_map.resolve_ir(graph, config.num_hidden_layers)
-            bar.update()
-            stage("save")
-            ir.save(graph, tmp / MODEL_FILE, external_data=MODEL_FILE + ".data", callback=_PageRelease(),
-                    **_save_in_flight_cap(ir.save))
-            # onnxscript's module-level rewrite rules keep a reference to the last graph they
-            # matched; dropping the tensors from the graph frees the weights all the same.
-            for value in graph.graph.initializers.values():
-                value.const_value = None
-            graph.graph.initializers.clear()
-            del graph, model
-            gc.collect()
-            release_mapped_pages()  # whatever still references the weights, their pages go
-            bar.update()
+            request = BuildRequest(folder=str(folder), out=str(tmp), flavour=flavour, dtype=dtype, opset=opset,
+                                   validate_layers=validate_layers, validate_steps=validate_steps,
+                                   allow_pickle=allow_pickle)
+            if isolate:
+                built = _build_in_child(request, stage, peaks)
+            else:
+                from .build import build
+
+                built = build(request, stage)
+            reference, fusions, tmap = built["reference"], built["fusions"], built["tensor_map"]
             stage("validate")
             if dtype == "bf16":
                 # ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul & co: the artifact
                 # is checked by the ONNX checker here and for parity by runtimes that run bf16.
                 validation = {"skipped": "onnxruntime CPU has no bfloat16 kernels", "passed": None}
             elif config.head is not None:
+                case = heads.make_case(config.vocab_size, config.pad_token_id)
                 candidate = heads.onnx_outputs(str(tmp / MODEL_FILE), case)
                 # the policy's bound for the head's outputs: as deep as the logits, at their scale
                 bound = tolerance.logit_checks(dtype, tolerance.Shape.of(config), float(np.abs(reference).max()),
@@ -173,13 +144,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
                                    "padding": "full, left and right rows" if config.pad_token_id is not None
                                    else "full rows (no pad_token_id)"})
             else:
+                case = validate.make_case(config.vocab_size, steps=validate_steps)
                 graph_path, what = tmp / MODEL_FILE, {"graph": "whole"}
                 if validate_layers:
                     graph_path = cut.write_cut(tmp / MODEL_FILE, validate_layers, tmp / "validate-cut.onnx")
-                    cut_model = load_checkpoint(folder, dtype=dtype, allow_pickle=allow_pickle,
-                                                num_layers=validate_layers)
-                    reference = validate.reference_logits(cut_model, case)
-                    del cut_model
                     what = {"graph": "cut", "layers": validate_layers, "of_layers": config.num_hidden_layers,
                             "how": f"the artifact's graph cut after {validate_layers} of {config.num_hidden_layers} "
                                    "layers (embedding, those layers, final norm, LM head), reading the artifact's "
@@ -204,11 +172,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
                         f"(tolerance {validation['tolerance']:.3g} for {dtype}); the artifact was removed. "
                         "Report this with the checkpoint's config.json"
                     )
-            bar.update()
+            if isolate and validation.get("passed") is not None:
+                validation["processes"] = ("the reference logits came from the build process (torch, the checkpoint's "
+                                           "weights), which had exited before this graph ran in ONNX Runtime")
             stage("package")
+            build_memory = {"estimate_bytes": estimate, "peak_rss_bytes": peaks.result(),
+                            "isolated_build": isolate,
+                            # weights the save read from the checkpoint's file (the rest: converted in memory)
+                            "weights_from_file_bytes": built.get("file_weight_bytes")}
+            if isolate:
+                build_memory["build_process_peak_rss_bytes"] = built.get("peak_rss_bytes")
+                build_memory["how"] = ("stage peaks are sampled RSS of this process plus the build process while it "
+                                       "ran (a sum, not a maximum); process_peak is this process's high-water mark, "
+                                       "build_process_peak_rss_bytes the build process's")
             _package(folder, tmp, config, flavour=flavour, dtype=dtype, opset=opset, fusions=fusions,
-                     validation=validation, tensor_map=tmap,
-                     memory_info={"estimate_bytes": estimate, "peak_rss_bytes": peaks.result()})
+                     validation=validation, tensor_map=tmap, memory_info=build_memory)
             manifest = verify(tmp, stamp=False)
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
@@ -218,27 +196,43 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, flavour: str =
     return manifest
 
 
-class _PageRelease:
-    """``ir.save``'s per-tensor callback: every RELEASE_EVERY_BYTES of weights handed to the writer,
-    drop the checkpoint maps' resident pages (``release_mapped_pages``). Without it every page the
-    save reads stays in the process until the save ends: the whole checkpoint on top of the
-    interpreter (measured: the 113M fp32 export's save stage at 0.93 GiB for 0.42 GiB of weights).
-    A page dropped while a writer thread still reads it is read again from the file."""
+def _build_in_child(request: BuildRequest, stage, peaks: StagePeaks) -> dict[str, Any]:
+    """``build.build`` in ``python -m starlift.export.build`` (see build.py); its stages drive
+    ``stage``, its RSS is sampled with this process's while it runs. Returns its result."""
+    from .build import read_result, request_dict
 
-    def __init__(self) -> None:
-        self.pending = 0
-
-    def __call__(self, tensor, info) -> None:
-        self.pending += int(tensor.nbytes)
-        if self.pending >= RELEASE_EVERY_BYTES:
-            self.pending = 0
-            release_mapped_pages()
+    work = Path(request.out) / ".build"
+    work.mkdir()
+    (work / "request.json").write_text(json.dumps(request_dict(request)))
+    read_end, write_end = os.pipe()
+    # Not glibc's huge pages (the console script turns them on for the runtimes, hugepages.py):
+    # a build runs no decode loop, and 2 MiB pages round its allocations up.
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(
+        t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb"))}
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "starlift.export.build", str(work / "request.json"),
+                                 "--status-fd", str(write_end)], pass_fds=(write_end,), env=env)
+    finally:
+        os.close(write_end)
+    peaks.watch(proc.pid)
+    try:
+        with os.fdopen(read_end) as status:
+            for line in status:
+                stage(line.strip())
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted here: stop the child we started
+            proc.kill()
+            proc.wait()
+        peaks.watch(None)
+    try:
+        return read_result(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _stored_dtype(folder: Path) -> str | None:
     """The dtype the checkpoint's weights are stored in (from the first safetensors header)."""
-    from starlift.model.checkpoint import read_safetensors_header
-
     for file in weight_files(folder, allow_pickle=True):
         if file.suffix == ".safetensors":
             header, _ = read_safetensors_header(file)

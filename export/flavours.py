@@ -11,10 +11,13 @@ concat-grow KV cache) is unchanged, so every runner that drives the portable gra
 
 from __future__ import annotations
 
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from starlift.core.artifact import LOGITS_TO_KEEP
 from starlift.core.errors import StarliftError
+
+if TYPE_CHECKING:  # the exporting process imports this module without the graph libraries
+    import onnx_ir as ir
 
 FLAVOURS = ("portable", "ort")
 

@@ -16,18 +16,23 @@ leaving ``input_ids``, ``attention_mask`` [batch, seq] -> ``logits`` [batch, lab
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_ir as ir
-import torch
 
 from starlift.core.artifact import past_names, present_names
+
+if TYPE_CHECKING:  # torch and onnx_ir only where used: the exporting process validates without them
+    import onnx_ir as ir
+    import torch
 
 HEAD_INPUTS = ("input_ids", "attention_mask")
 
 
 def drop_cache(model: ir.Model, num_layers: int) -> None:
     """Remove the KV cache inputs/outputs and the position input (see the module docstring)."""
+    import onnx_ir as ir
+
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -99,6 +104,8 @@ def reference_outputs(model: torch.nn.Module, case: HeadCase) -> np.ndarray:
     """The torch head on the case, a row at a time when the model refuses batches (no pad token)."""
     rows = [slice(0, len(case.ids))] if model.config.pad_token_id is not None else \
         [slice(i, i + 1) for i in range(len(case.ids))]
+    import torch
+
     with torch.no_grad():
         out = [model(torch.from_numpy(case.ids[r]), torch.from_numpy(case.mask[r]))[0].numpy() for r in rows]
     return np.concatenate(out, axis=0)
@@ -110,6 +117,7 @@ def onnx_outputs(model_path: str, case: HeadCase, providers=None) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.disable_prepacking", "1")  # see validate.onnx_logits
+    opts.enable_cpu_mem_arena = False
     session = ort.InferenceSession(model_path, opts, providers=providers or ["CPUExecutionProvider"])
     return session.run(["logits"], {"input_ids": case.ids, "attention_mask": case.mask})[0].astype(np.float32)
 

@@ -47,8 +47,12 @@ class _FlatDecoder(nn.Module):
         return (logits, *[t for kv in present for t in kv], *taps)
 
 
-def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
-    """The model as an ONNX graph with dynamic batch, sequence and past length; no If/Loop."""
+def trace(model: Starcoder2, opset: int = 18, weights: dict[str, ir.TensorProtocol] | None = None) -> ir.Model:
+    """The model as an ONNX graph with dynamic batch, sequence and past length; no If/Loop.
+
+    ``weights`` (checkpoint name -> tensor, e.g. ``build.checkpoint_tensors``): initializers of
+    those names, dtypes and shapes take them in place of the model's parameters (the same values,
+    read from the checkpoint file when the graph is saved)."""
     c = model.config
     dtype = next(model.parameters()).dtype
     batch, seq, past = 2, 3, 4  # batch 2: a batch of 1 would be specialized by torch.export
@@ -74,6 +78,8 @@ def trace(model: Starcoder2, opset: int = 18) -> ir.Model:
     # The exporter keeps a stack trace per node in metadata: most of the graph's bytes.
     ir.passes.common.ClearMetadataAndDocStringPass()(graph_model)
     _strip_wrapper_prefix(graph_model)
+    if weights:  # how many bytes now come from the file (not serialized: ir.Model.meta)
+        graph_model.meta["starlift.file_weight_bytes"] = _use_weights(graph_model, weights)
     _fold_weight_transposes(graph_model)
     _name_dims(graph_model)
     if c.task == "text-generation":  # a classifier's head reads every position (or picks its own)
@@ -154,11 +160,28 @@ def _strip_wrapper_prefix(model: ir.Model) -> None:
             model.graph.register_initializer(value)
 
 
+def _use_weights(model: ir.Model, weights: dict[str, ir.TensorProtocol]) -> int:
+    """Point the initializers named like a checkpoint tensor at ``weights[name]`` (same dtype and
+    shape only: a weight converted at load stays the model's); returns the bytes re-pointed."""
+    moved = 0
+    for name, value in model.graph.initializers.items():
+        tensor = weights.get(name)
+        if (tensor is not None and value.const_value is not None and tensor.dtype == value.const_value.dtype
+                and tuple(tensor.shape) == tuple(value.const_value.shape)):
+            value.const_value = tensor
+            moved += tensor.nbytes
+    return moved
+
+
 def _lazy_transpose(tensor: ir.TensorProtocol) -> ir.LazyTensor:
     """W.T computed when the tensor is written, so that no transposed copy lives in memory."""
     rows, cols = tensor.shape
 
     def compute() -> ir.Tensor:
+        if isinstance(tensor, ir.ExternalTensor):  # a weight read from the checkpoint file, then dropped
+            from .build import read_external
+
+            return ir.Tensor(np.ascontiguousarray(read_external(tensor).T))
         raw = getattr(tensor, "raw", None)
         if isinstance(raw, torch.Tensor):
             data = raw.detach().t().contiguous()

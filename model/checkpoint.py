@@ -8,13 +8,10 @@ Layout read and written: ``config.json``, ``model.safetensors`` or sharded
 from __future__ import annotations
 
 import json
-import math
 import mmap
-import struct
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,7 +19,13 @@ from starlift.core.errors import CheckpointError, UsageError
 from starlift.core.fsutil import atomic_output_dir
 
 from .config import PRESETS, Starcoder2Config
-from .folders import PICKLE_SUFFIXES, bundled_checkpoints, resolve_checkpoint, weight_files  # noqa: F401 (re-exported)
+from .folders import (  # noqa: F401 (re-exported)
+    PICKLE_SUFFIXES,
+    bundled_checkpoints,
+    read_safetensors_header,
+    resolve_checkpoint,
+    weight_files,
+)
 from .heads import model_class
 from .modeling import RotaryEmbedding
 
@@ -35,54 +38,13 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 # ---- safetensors, read by hand ---------------------------------------------------------------
 # The safetensors library copies each tensor out of the file on get_tensor(); reading the
-# header ourselves lets every tensor be a view into one private memory map (no second copy of
-# the weights), and lets us validate dtype, shape and offsets before any tensor is touched.
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Validated header of a safetensors file and the byte offset where its data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download or re-save it")
-        (n,) = struct.unpack("<Q", raw_len)
-        if n > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path}: header length {n} is larger than the file ({size} bytes); the file is corrupt or truncated")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-    data_start, data_len = 8 + n, size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape or offsets {info!r}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} offsets {begin}..{end} do not fit its shape {shape} "
-                f"({nbytes} bytes) inside {data_len} data bytes; the file is corrupt or truncated"
-            )
-        spans.append((begin, end, name))
-    spans.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
-        if begin_b < end_a:
-            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap; the file is corrupt")
-    return header, data_start
-
+# header ourselves (folders.read_safetensors_header, no torch) lets every tensor be a view into
+# one private memory map (no second copy of the weights), and lets us validate dtype, shape and
+# offsets before any tensor is touched.
 
 _MAPS: list[weakref.ref] = []
 

@@ -8,9 +8,12 @@ they live apart from ``checkpoint.py``, which loads weights into the PyTorch mod
 from __future__ import annotations
 
 import json
+import math
 import re
+import struct
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from starlift.core.errors import CheckpointError, UsageError
 
@@ -106,3 +109,50 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     raise CheckpointError(
         f"{folder} has no weights: expected model.safetensors or model.safetensors.index.json with its shards"
     )
+
+
+# ---- safetensors headers (checkpoint.py maps the data; the exporter reads dtypes and offsets) --
+# bytes per element of each safetensors dtype code
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Validated header of a safetensors file and the byte offset where its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download or re-save it")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: header length {n} is larger than the file ({size} bytes); the file is corrupt or truncated")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            itemsize, shape, (begin, end) = _ST_ITEMSIZE[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape or offsets {info!r}")
+        nbytes = math.prod(shape) * itemsize
+        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} offsets {begin}..{end} do not fit its shape {shape} "
+                f"({nbytes} bytes) inside {data_len} data bytes; the file is corrupt or truncated"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap; the file is corrupt")
+    return header, data_start

@@ -77,6 +77,8 @@ def test_manifest_and_configs(artifact):
     assert manifest["validation"]["passed"] and manifest["validation"]["max_abs_error"] <= TOL
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "starlift"}
     assert "model.safetensors" in manifest["source"]["files"]
+    # fp32 from an fp32 checkpoint: the save read every weight from the file, not from the model
+    assert manifest["build_memory"]["weights_from_file_bytes"] == manifest["size"]["weight_bytes"]
     genai = json.loads((artifact / "genai_config.json").read_text())
     assert genai["model"]["type"] == "decoder"
     assert 0 <= genai["model"]["eos_token_id"] < 99
