@@ -122,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_artifact_output_options(p: argparse.ArgumentParser, stage: str) -> None:
+    """The options every command that writes an artifact takes (export, quantize)."""
+    p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
+                   "(see `starlift keygen`; default: unsigned)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help=f"memory the {stage} may use, e.g. 20G (default: what the machine has available); "
+                        "refused before it starts when the estimated peak is larger")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the console script: huge pages for the weights (see hugepages.py)
         from starlift.core.hugepages import reexec_with_huge_pages

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from starlift.cli import add_artifact_output_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="Hugging Face StarCoder2 folder, a bundled name (starcoder2-nano), or a Hub id "
@@ -14,18 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weight and KV-cache dtype; LayerNorm, softmax and logits stay fp32")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..23")
-    p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
-                   "(see `starlift keygen`; default: unsigned)")
     p.add_argument("--validate-layers", type=int, default=None, metavar="N",
                    help="validate the graph cut after N layers (embedding, N layers, final norm, LM head) instead of "
                         "the whole graph; 0 = the whole graph (default: whole up to 1 GiB of weights, else 2 layers)")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory the export may use, e.g. 20G (default: what the machine has available); an export "
-                        "whose estimated peak is larger is refused before it starts")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle weights (*.bin); they are loaded with weights_only=True")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
+    add_artifact_output_options(p, "export")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from starlift.cli import add_artifact_output_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="an fp32 artifact folder written by starlift export")
@@ -30,19 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
     p.add_argument("--exclude", action="append", default=None, help="node name to keep in float (repeatable; default: none)")
     p.add_argument("--allow-quality-loss", action="store_true", help="keep the output even below the quality gate")
-    p.add_argument("--sign-key", default=None, help="sign the artifact with this private key as it is written "
-                   "(see `starlift keygen`; default: unsigned)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="int4/int8 one weight at a time from the source's data file (default: for fp16 sources "
                         "and sources above 2 GiB)")
     p.add_argument("--quality-layers", type=int, default=None, metavar="N",
                    help="measure quality on both graphs cut after N layers (default: whole graphs up to 2 GiB of "
                         "source weights, else 2 layers; 0 = whole)")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory the quantization may use, e.g. 20G (default: what the machine has available); "
-                        "refused before it starts when the estimated peak is larger")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn when stderr is not a terminal)")
+    add_artifact_output_options(p, "quantization")
 
 
 def main(args: argparse.Namespace) -> int:
