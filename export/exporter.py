@@ -210,8 +210,11 @@ def _build_in_child(request: BuildRequest, stage, peaks: StagePeaks) -> dict[str
     env = {**os.environ, "GLIBC_TUNABLES": ":".join(
         t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb"))}
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "starlift.export.build", str(work / "request.json"),
-                                 "--status-fd", str(write_end)], pass_fds=(write_end,), env=env)
+        # -c, not -m: `-m starlift.export.build` imports the package first, whose exporter imports
+        # build, and runpy then warns that the module it is about to run is already loaded
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from starlift.export.build import main; sys.exit(main())",
+                                 str(work / "request.json"), "--status-fd", str(write_end)],
+                                pass_fds=(write_end,), env=env)
     finally:
         os.close(write_end)
     peaks.watch(proc.pid)
