@@ -29,7 +29,7 @@ from starlift.core.signing import check_signing_key, sign_artifact
 
 MODES = ("fp16", "bf16", "int8", "int4")
 ALGOS = ("rtn", "hqq", "gptq")
-INT8_METHODS = ("nbits", "dynamic")
+INT8_METHODS = ("nbits", "dynamic", "dynamic-row")
 HEAD_NODE = "/model/lm_head/MatMul"
 # Ops kept in float32 by the fp16 conversion: statistics and softmax overflow in fp16.
 FP16_KEEP = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "Cos", "Sin"]
@@ -77,7 +77,6 @@ def _quantized_gather(model, table: str, packed: str, scales: str, zero_points: 
     and the embedding read the same initializer. The scales and zero points get their own 3-D
     copies (1/8 of the table at blocks of 32): OpenVINO's ONNX reader wants them as constants,
     not computed by a Reshape."""
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -108,8 +107,7 @@ def _quantized_gather(model, table: str, packed: str, scales: str, zero_points: 
     if not any(table in n.input for n in graph.node):
         for i in [i for i in graph.initializer if i.name == table]:
             graph.initializer.remove(i)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _ms_opset(model)
     return len(gathers)
 
 
@@ -441,6 +439,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 bar.set_description(f"quantize {mode}: matmuls")
                 if mode == "int8" and int8_method == "dynamic":
                     model = _dynamic_int8(model, exclude=list(exclude or []))
+                elif mode == "int8" and int8_method == "dynamic-row":
+                    _row_int8(model, exclude=head + list(exclude or []))
                 else:
                     model = _nbits(model, bits, block_size=block_size, symmetric=symmetric,
                                    accuracy_level=accuracy_level, algo=algo, exclude=head + list(exclude or []),
@@ -559,6 +559,96 @@ def _dynamic_int8(model, exclude: list[str]):
         finally:
             logging.getLogger().removeFilter(notice)
         return onnx.load(str(dst))
+
+
+def _row_int8(model, exclude: list[str]) -> int:
+    """Per-row dynamic int8: each row (token) of a MatMul's input gets its own scale; returns how
+    many MatMuls were rewritten.
+
+    Hand-written because onnxruntime.quantization has no per-row activation mode:
+    ``quantize_dynamic`` inserts DynamicQuantizeLinear, one scale and zero point for the whole
+    input tensor, so a row's result depends on its batch-mates (and one outlier row coarsens the
+    others). Here, for every MatMul whose B is a 2-D float initializer [K, N]:
+
+        x [..., K] -> amax = ReduceMax(Abs(x), -1) [..., 1] -> s = amax / 127 (+ tiny)
+          -> QuantizeLinear(x / s, 1, 128): uint8, zero point 128 (MatMulInteger's A zero
+             point must be a scalar in ORT's CPU kernel, so the row scale is symmetric)
+          -> MatMulIntegerToFloat(., Bq, a_scale = s, b_scale = w_scale [N]) float [..., N]
+
+    MatMulIntegerToFloat (ORT's contrib op, the fused form of MatMulInteger -> Cast -> Mul that
+    its own dynamic quantization produces) takes a non-scalar a_scale: it multiplies the output
+    by it, broadcast, after the integer GEMM (checked against numpy in the tests). It scales its
+    optional bias input by that row scale too, so a MatMul's bias Add stays a separate node.
+
+    Bq: per-column symmetric 8-bit weights stored as uint8 around zero point 128, a constant
+    initializer so ORT prepacks it at load. uint8, not int8: MLAS's U8S8 kernel on AVX2 without
+    VNNI sums pairs of u8 x s8 products with vpmaddubsw, which saturates int16 (measured: integer
+    errors up to 15,513 on one K = 768 row); its U8U8 kernel widens to int16 first and is exact,
+    at about the same speed. (int8 weights in 7 bits, onnxruntime's ``reduce_range``, are exact
+    too but lost 0.6 points of top-1 on starcoder2-nano.) A row's quantization reads only that
+    row, so a request's logits do not depend on which other requests share its batch. Inputs
+    read by several MatMuls (q, k, v) are quantized once.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    targets = [n for n in graph.node if n.op_type == "MatMul" and n.name not in exclude and n.input[1] in inits
+               and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    if not targets:
+        return 0
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), "rowq8/axes"),
+              numpy_helper.from_array(np.array(1 / 127, np.float32), "rowq8/inv127"),
+              numpy_helper.from_array(np.array(1e-30, np.float32), "rowq8/tiny"),
+              numpy_helper.from_array(np.array(1.0, np.float32), "rowq8/one"),
+              numpy_helper.from_array(np.array(128, np.uint8), "rowq8/zp128")]
+    graph.initializer.extend(consts)
+    quantized: dict[str, tuple[list, str, str]] = {}  # input -> (its nodes, uint8 rows, row scales)
+    placed = {}  # node -> nodes to insert before it
+    for node in targets:
+        x, wname = node.input[0], node.input[1]
+        if x not in quantized:
+            p = f"/rowq8/{len(quantized)}"
+            nodes = [helper.make_node("Abs", [x], [p + "/abs"], name=p + "/Abs"),
+                     helper.make_node("ReduceMax", [p + "/abs", "rowq8/axes"], [p + "/amax"], name=p + "/ReduceMax",
+                                      keepdims=1),
+                     helper.make_node("Mul", [p + "/amax", "rowq8/inv127"], [p + "/s0"], name=p + "/Mul"),
+                     helper.make_node("Add", [p + "/s0", "rowq8/tiny"], [p + "/scale"], name=p + "/Add"),
+                     helper.make_node("Div", [x, p + "/scale"], [p + "/xs"], name=p + "/Div"),
+                     helper.make_node("QuantizeLinear", [p + "/xs", "rowq8/one", "rowq8/zp128"], [p + "/q"],
+                                      name=p + "/QuantizeLinear")]
+            quantized[x] = (nodes, p + "/q", p + "/scale")
+            placed.setdefault(node.output[0], []).extend(nodes)
+        _, q, scale = quantized[x]
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        wscale = np.maximum(np.abs(w).max(axis=0), 1e-30) / 127
+        wq = (np.clip(np.round(w / wscale), -127, 127) + 128).astype(np.uint8)
+        graph.initializer.extend([numpy_helper.from_array(wq, wname + "_rowq8"),
+                                  numpy_helper.from_array(wscale.astype(np.float32), wname + "_rowq8_scale")])
+        p = node.name + "/rowq8"
+        placed.setdefault(node.output[0], []).append(helper.make_node(
+            "MatMulIntegerToFloat", [q, wname + "_rowq8", scale, wname + "_rowq8_scale", "rowq8/zp128", "rowq8/zp128"],
+            list(node.output), name=p + "/MatMulIntegerToFloat", domain="com.microsoft"))
+    new = []
+    for n in graph.node:
+        if n.output and n.output[0] in placed:
+            new.extend(placed[n.output[0]])
+        else:
+            new.append(n)
+    del graph.node[:]
+    graph.node.extend(new)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    _ms_opset(model)
+    return len(targets)
+
+
+def _ms_opset(model) -> None:
+    import onnx
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
 def _undo_fp16_round_trips(model) -> int:

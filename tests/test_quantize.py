@@ -29,6 +29,7 @@ def fp32_artifact(tmp_path_factory):
     ("fp16", {}),
     ("int8", {}),
     ("int8", {"int8_method": "dynamic"}),
+    ("int8", {"int8_method": "dynamic-row"}),
     ("int4", {}),
     ("int4", {"algo": "hqq", "block_size": 64}),
     ("int4", {"symmetric": True, "accuracy_level": 0}),
@@ -59,7 +60,8 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
         assert shared == ("shared with the LM head" in embedding)
         # int8 shares the head's blocks of 32; int4's head blocks of 128 exceed this model's hidden size of
         # 64, so its table is quantized on its own, at 4 bits
-        assert shared == (mode == "int8" and not kwargs) and bits == (8 if mode == "int8" else 4)
+        row = kwargs.get("int8_method") == "dynamic-row"  # its head stays an 8-bit MatMulNBits too
+        assert shared == (mode == "int8" and (not kwargs or row)) and bits == (8 if mode == "int8" else 4)
     if mode in ("int4", "int8") and not kwargs:  # the 8-bit head's scale blocks: 128 for int4, --block-size for int8
         graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
         blocks = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
@@ -68,8 +70,13 @@ def test_every_mode_writes_a_valid_artifact(fp32_artifact, tmp_path, mode, kwarg
         assert head[0]["block_size"] == (128 if mode == "int4" else 32)
         assert manifest["quantization"]["head_block_size"] == head[0]["block_size"]
         assert {b["block_size"] for name, b in blocks.items() if "lm_head" not in name} == {32}
-    if mode == "int8" and kwargs:
+    if kwargs.get("int8_method") == "dynamic":
         assert {"DynamicQuantizeMatMul", "MatMulInteger"} & ops or "DynamicQuantizeLinear" in ops
+    if kwargs.get("int8_method") == "dynamic-row":
+        assert "MatMulIntegerToFloat" in ops and "DynamicQuantizeLinear" not in ops
+        graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in floats]
     for name in ("genai_config.json", "tokenizer.json", "config.json"):
         assert (out / name).is_file() == (fp32_artifact / name).is_file()
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -183,6 +190,64 @@ def test_default_quality_text_is_thousands_of_tokens_of_real_code(nano_int4, nan
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
     assert gather.input[0] == head.input[1]  # one 8-bit table for both
     assert not [i for i in graph.initializer if i.name == "model.embed_tokens.weight"]
+
+
+def test_per_row_int8_passes_nanos_gate_and_a_row_does_not_depend_on_its_batch(nano_ort, tmp_path):
+    """--int8-method dynamic-row: one activation scale per row (token). starcoder2-nano passes the
+    default int8 gate (per-tensor `dynamic` does not), and a sequence's logits are the same
+    whether it runs alone or beside another, in the prompt and in a decode step; with
+    per-tensor scales (`dynamic`) the batch-mate's range changes them."""
+    m = quantize_artifact(nano_ort, tmp_path / "row", mode="int8", int8_method="dynamic-row", progress=False)
+    q = m["quality"]
+    assert q["passed"] and q["top1_agreement"] >= 0.98, q
+    assert m["quantization"]["int8_method"] == "dynamic-row"
+    quantize_artifact(nano_ort, tmp_path / "dyn", mode="int8", int8_method="dynamic", progress=False,
+                      allow_quality_loss=True)
+    ids = np.random.default_rng(7).integers(100, 8000, (2, 8)).tolist()  # two unrelated rows
+
+    def logits(art, rows):
+        with starlift.load(art).runner as runner:  # the runner's own session, batch as given
+            batch = runner.single_batch(len(rows))
+            x = np.array(rows)
+            first = batch.forward(x, np.ones_like(x), np.tile(np.arange(8), (len(rows), 1)))
+            nxt = first[:, -1].argmax(-1)[:, None]
+            step = batch.forward(nxt, np.ones((len(rows), 9), np.int64), np.full((len(rows), 1), 8))
+            return first[0], step[0]
+
+    gaps = {}
+    for name in ("row", "dyn"):
+        alone, together = logits(tmp_path / name, ids[:1]), logits(tmp_path / name, ids)
+        gaps[name] = max(np.abs(a - b).max() for a, b in zip(alone, together, strict=True))
+    assert gaps["row"] <= 1e-4 < gaps["dyn"], gaps
+
+
+def test_matmul_integer_to_float_scales_rows_and_bias_as_the_rewrite_assumes():
+    """The per-row rewrite relies on ONNX Runtime's MatMulIntegerToFloat taking a [rows, 1] a_scale
+    (applied to the output after the integer GEMM) and scaling its bias input by it too, which is
+    why a MatMul's bias Add stays its own node."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    k, n = 64, 48
+    wq = rng.integers(1, 256, (k, n)).astype(np.uint8)
+    b_scale, bias = rng.random(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    inits = [numpy_helper.from_array(wq, "B"), numpy_helper.from_array(b_scale, "bs"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zp"), numpy_helper.from_array(bias, "bias")]
+    node = helper.make_node("MatMulIntegerToFloat", ["A", "B", "as", "bs", "zp", "zp", "bias"], ["Y"],
+                            domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.UINT8, [2, 3, k]),
+                                            helper.make_tensor_value_info("as", TensorProto.FLOAT, [2, 3, 1])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (2, 3, k)).astype(np.uint8)
+    a_scale = rng.random((2, 3, 1)).astype(np.float32)
+    y = session.run(None, {"A": a, "as": a_scale})[0]
+    exact = (a.astype(np.int64) - 128) @ (wq.astype(np.int64) - 128) * b_scale
+    np.testing.assert_allclose(y, (exact + bias) * a_scale, rtol=1e-5, atol=1e-3)
 
 
 def test_repeated_casts_of_old_fp16_converters_are_merged():

@@ -21,8 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symmetric", action="store_true",
                    help="symmetric weights (default: asymmetric with zero points; on starcoder2-nano int4 top-1 "
                         "0.942 asymmetric vs 0.931 symmetric)")
-    p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic"],
-                   help="int8: weight-only MatMulNBits (default) or dynamic int8 activations")
+    p.add_argument("--int8-method", default="nbits", choices=["nbits", "dynamic", "dynamic-row"],
+                   help="int8: weight-only MatMulNBits (default), dynamic int8 activations with one scale per "
+                        "tensor (onnxruntime's quantize_dynamic), or one scale per row (token): int8 x int8 "
+                        "MatMuls whose rows do not depend on their batch-mates")
     p.add_argument("--head-bits", type=int, default=None, choices=[4, 8, 32],
                    help="bits of the head, 32 = kept in float (default: 8 for the LM head, 32 for a classifier's)")
     p.add_argument("--head-block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
