@@ -603,8 +603,8 @@ def _row_int8(model, exclude: list[str]) -> int:
               numpy_helper.from_array(np.array(1.0, np.float32), "rowq8/one"),
               numpy_helper.from_array(np.array(128, np.uint8), "rowq8/zp128")]
     graph.initializer.extend(consts)
-    quantized: dict[str, tuple[list, str, str]] = {}  # input -> (its nodes, uint8 rows, row scales)
-    placed = {}  # node -> nodes to insert before it
+    quantized: dict[str, tuple[str, str]] = {}  # input -> (its uint8 rows, their row scales)
+    placed = {}  # a MatMul's output -> the nodes that replace that MatMul
     for node in targets:
         x, wname = node.input[0], node.input[1]
         if x not in quantized:
@@ -617,9 +617,9 @@ def _row_int8(model, exclude: list[str]) -> int:
                      helper.make_node("Div", [x, p + "/scale"], [p + "/xs"], name=p + "/Div"),
                      helper.make_node("QuantizeLinear", [p + "/xs", "rowq8/one", "rowq8/zp128"], [p + "/q"],
                                       name=p + "/QuantizeLinear")]
-            quantized[x] = (nodes, p + "/q", p + "/scale")
+            quantized[x] = (p + "/q", p + "/scale")
             placed.setdefault(node.output[0], []).extend(nodes)
-        _, q, scale = quantized[x]
+        q, scale = quantized[x]
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
         wscale = np.maximum(np.abs(w).max(axis=0), 1e-30) / 127
         wq = (np.clip(np.round(w / wscale), -127, 127) + 128).astype(np.uint8)
