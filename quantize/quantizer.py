@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from starlift.core import tensor_map, tolerance
-from starlift.core.artifact import MODEL_FILE, past_names, verify, write_manifest
+from starlift.core.artifact import GEMM_FILE, MODEL_FILE, past_names, verify, write_manifest
 from starlift.core.errors import ParityError, UsageError
 from starlift.core.fsutil import atomic_output_dir, check_output_dir
 from starlift.core.signing import check_signing_key, sign_artifact
@@ -295,7 +295,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                       head_bits: int | None = None, head_block_size: int | None = None, calibration: str | Path | None = None, exclude: list[str] | None = None,
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True, sign_key: str | Path | None = None, stream: bool | None = None,
-                      quality_layers: int | None = None, max_memory: int | None = None) -> dict[str, Any]:
+                      quality_layers: int | None = None, max_memory: int | None = None,
+                      int8_gemm: bool = False) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest.
 
     ``head_bits``: 8 or 4 quantize the head (the LM head, or a classifier's ``score``) with
@@ -306,6 +307,10 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     both graphs cut after N layers (starlift/core/graphcut.py); None: the whole graphs up to STREAM_BYTES of
     source weights, else 2 layers; 0: whole. ``max_memory``: refuse before starting when the
     estimated peak is larger (default: the machine's available memory).
+
+    ``int8_gemm``: int4 only: also write ``int8_gemm.onnx``, the graph that runs wide steps
+    (prompts, decode steps of several sequences) on the integer GEMM with weights derived from
+    the 4-bit ones at load (int8_gemm.py); both graphs pass the quality gate.
 
     ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
     import onnx
@@ -354,6 +359,12 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     head_block_size = head_block_size or (128 if mode == "int4" and head_bits == 8 else block_size)
     if head_block_size not in (16, 32, 64, 128, 256):
         raise UsageError(f"--head-block-size must be a power of two in 16..256, got {head_block_size}")
+    if int8_gemm and (mode != "int4" or classifier):
+        raise UsageError("--int8-gemm adds an integer-GEMM graph to a 4-bit causal LM: use it with --mode int4 "
+                         "(int8 artifacts run the integer GEMM with --int8-method dynamic-row)")
+    if int8_gemm and quality_layers:
+        raise UsageError("--int8-gemm measures the integer-GEMM graph's quality on the whole graph: pass "
+                         "--quality-layers 0")
     if stream and (classifier or head_bits == 32):
         raise UsageError("streaming quantization is for causal LMs with a 4- or 8-bit head: quantize a classifier "
                          "from its fp32 export with --no-stream")
@@ -482,6 +493,17 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 tmap = tensor_map.resolve_onnx(onnx.load(str(tmp / MODEL_FILE), load_external_data=False),
                                                config["num_hidden_layers"])
             onnx.checker.check_model(str(tmp / MODEL_FILE))
+            if int8_gemm:
+                from .int8_gemm import MIN_ROWS, MIN_TOKENS, write_gemm_graph
+
+                bar.set_description(f"quantize {mode}: integer-GEMM graph")
+                gemms = write_gemm_graph(tmp, head_nodes={n for n in _graph_node_names(tmp / MODEL_FILE)
+                                                             if n.startswith(HEAD_NODE) or "lm_head" in n})
+                if not gemms:
+                    raise UsageError(f"{src} has no 4-bit MatMulNBits for --int8-gemm to run on the integer GEMM "
+                                     "(every matmul excluded?)")
+                details["int8_gemm"] = {"file": GEMM_FILE, "min_tokens": MIN_TOKENS, "min_rows": MIN_ROWS,
+                                        "integer_gemms": gemms}
             for name in ("config.json", "tokenizer.json", "generation_config.json", "genai_config.json"):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
@@ -491,7 +513,13 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 quality = measure_head_quality(src, tmp, tokenizer, config, eval_text, mode)
             else:
                 quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text, mode,
-                                          windows=eval_windows, layers=quality_layers)
+                                          windows=eval_windows, layers=quality_layers, int8_gemm=False)
+                if int8_gemm:  # the integer-GEMM graph's own gate: every window (1,024 tokens) runs on it
+                    wide = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text, mode,
+                                           windows=eval_windows, int8_gemm=True)
+                    quality["int8_gemm"] = wide
+                    quality["checks"].update({f"int8_gemm {k}": c for k, c in wide["checks"].items()})
+                    quality["passed"] = quality["passed"] and wide["passed"]
             bar.update()
             onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
             src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
@@ -597,29 +625,13 @@ def _row_int8(model, exclude: list[str]) -> int:
                and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == TensorProto.FLOAT]
     if not targets:
         return 0
-    consts = [numpy_helper.from_array(np.array([-1], np.int64), "rowq8/axes"),
-              numpy_helper.from_array(np.array(1 / 127, np.float32), "rowq8/inv127"),
-              numpy_helper.from_array(np.array(1e-30, np.float32), "rowq8/tiny"),
-              numpy_helper.from_array(np.array(1.0, np.float32), "rowq8/one"),
-              numpy_helper.from_array(np.array(128, np.uint8), "rowq8/zp128")]
-    graph.initializer.extend(consts)
-    quantized: dict[str, tuple[str, str]] = {}  # input -> (its uint8 rows, their row scales)
+    graph.initializer.extend(_row_constants("rowq8/"))
+    rows = RowQuantizer("rowq8/")
     placed = {}  # a MatMul's output -> the nodes that replace that MatMul
     for node in targets:
-        x, wname = node.input[0], node.input[1]
-        if x not in quantized:
-            p = f"/rowq8/{len(quantized)}"
-            nodes = [helper.make_node("Abs", [x], [p + "/abs"], name=p + "/Abs"),
-                     helper.make_node("ReduceMax", [p + "/abs", "rowq8/axes"], [p + "/amax"], name=p + "/ReduceMax",
-                                      keepdims=1),
-                     helper.make_node("Mul", [p + "/amax", "rowq8/inv127"], [p + "/s0"], name=p + "/Mul"),
-                     helper.make_node("Add", [p + "/s0", "rowq8/tiny"], [p + "/scale"], name=p + "/Add"),
-                     helper.make_node("Div", [x, p + "/scale"], [p + "/xs"], name=p + "/Div"),
-                     helper.make_node("QuantizeLinear", [p + "/xs", "rowq8/one", "rowq8/zp128"], [p + "/q"],
-                                      name=p + "/QuantizeLinear")]
-            quantized[x] = (p + "/q", p + "/scale")
-            placed.setdefault(node.output[0], []).extend(nodes)
-        q, scale = quantized[x]
+        wname = node.input[1]
+        q, scale, nodes = rows.quantized(node.input[0])
+        placed.setdefault(node.output[0], []).extend(nodes)
         w = numpy_helper.to_array(inits[wname]).astype(np.float32)
         wscale = np.maximum(np.abs(w).max(axis=0), 1e-30) / 127
         wq = (np.clip(np.round(w / wscale), -127, 127) + 128).astype(np.uint8)
@@ -642,6 +654,47 @@ def _row_int8(model, exclude: list[str]) -> int:
         graph.initializer.remove(init)
     _ms_opset(model)
     return len(targets)
+
+
+def _row_constants(c: str) -> list:
+    """The scalars ``RowQuantizer`` reads, named with the prefix ``c``."""
+    from onnx import numpy_helper
+
+    return [numpy_helper.from_array(np.array([-1], np.int64), c + "axes"),
+            numpy_helper.from_array(np.array(1 / 127, np.float32), c + "inv127"),
+            numpy_helper.from_array(np.array(1e-30, np.float32), c + "tiny"),
+            numpy_helper.from_array(np.array(1.0, np.float32), c + "one"),
+            numpy_helper.from_array(np.array(128, np.uint8), c + "zp128")]
+
+
+class RowQuantizer:
+    """Per-row uint8 quantization of MatMul inputs (the activation side of ``_row_int8`` and of
+    the int8 GEMM graph): amax = ReduceMax(|x|, -1), s = amax / 127 (+ tiny), q = x / s + 128.
+    Each input is quantized once (q, k and v share theirs); ``_row_constants(prefix)`` must be
+    in the graph."""
+
+    def __init__(self, prefix: str):
+        self.c, self.done = prefix, {}
+
+    def quantized(self, x: str) -> tuple[str, str, list]:
+        """(uint8 rows, their scales [..., 1], the nodes to insert before the first user: [] after
+        the first call for ``x``)."""
+        from onnx import helper
+
+        if x in self.done:
+            return (*self.done[x], [])
+        c = self.c
+        p = f"/{c}{len(self.done)}"
+        nodes = [helper.make_node("Abs", [x], [p + "/abs"], name=p + "/Abs"),
+                 helper.make_node("ReduceMax", [p + "/abs", c + "axes"], [p + "/amax"], name=p + "/ReduceMax",
+                                  keepdims=1),
+                 helper.make_node("Mul", [p + "/amax", c + "inv127"], [p + "/s0"], name=p + "/Mul"),
+                 helper.make_node("Add", [p + "/s0", c + "tiny"], [p + "/scale"], name=p + "/Add"),
+                 helper.make_node("Div", [x, p + "/scale"], [p + "/xs"], name=p + "/Div"),
+                 helper.make_node("QuantizeLinear", [p + "/xs", c + "one", c + "zp128"], [p + "/q"],
+                                  name=p + "/QuantizeLinear")]
+        self.done[x] = (p + "/q", p + "/scale")
+        return p + "/q", p + "/scale", nodes
 
 
 def _ms_opset(model) -> None:
@@ -698,13 +751,14 @@ def _undo_fp16_round_trips(model) -> int:
 
 
 def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict, eval_text: str | None,
-                    mode: str, windows: int = 4, layers: int = 0) -> dict[str, Any]:
+                    mode: str, windows: int = 4, layers: int = 0, int8_gemm: bool = False) -> dict[str, Any]:
     """The candidate against the fp32 artifact on the quality text, judged by the tolerance policy
     (the same measurement ``starlift parity`` makes against the PyTorch reference).
 
     ``layers`` > 0: both graphs cut after that many layers (starlift.core.graphcut), so that neither
     holds more than the embedding, those layers and the head (the sessions run one after the
-    other); the policy's bounds are those of the cut's depth."""
+    other); the policy's bounds are those of the cut's depth. ``int8_gemm``: run the candidate's
+    windows on its int8_gemm.onnx (a 4-bit artifact's integer-GEMM graph; False: model.onnx)."""
     if layers:
         from starlift.core.graphcut import write_cut
 
@@ -734,7 +788,7 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
                              windows=windows)
     with OnnxRuntimeRunner(reference_path) as runner:
         reference = quality.run_reference(quality.RunnerSource(runner, "fp32 artifact"), plan)
-    with OnnxRuntimeRunner(candidate_path) as runner:
+    with OnnxRuntimeRunner(candidate_path, int8_gemm=int8_gemm) as runner:
         values = quality.measure(reference, quality.RunnerSource(runner, mode), plan, mode,
                                  tolerance.Shape.of(config), against="fp32-artifact")
     values["perplexity_fp32"] = values["perplexity_reference"]

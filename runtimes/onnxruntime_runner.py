@@ -7,6 +7,15 @@ IO binding as both past and present, so the kernel writes each new key and value
 no step copies the cache (capacity doubles when it runs out: O(n) copying in total). Concat
 graphs (portable, and ort artifacts exported before per-row lengths) get the generic
 ``ConcatBatch``: ORT-owned OrtValues, each step's ``present`` bound as the next ``past``.
+
+A 4-bit artifact quantized with ``--int8-gemm`` has a second graph beside ``model.onnx``,
+``int8_gemm.onnx`` (quantize/int8_gemm.py): the same contract, its matmuls on the integer
+GEMM. The runner opens it as a second session and sends it the wide steps, where the integer
+GEMM is faster than the 4-bit kernel: a row's step of at least ``min_tokens`` new tokens (a
+prompt, a prefill chunk) and a decode step of at least ``min_rows`` rows (both numbers are the
+graph's metadata). One-row decode steps and speculative verifications stay on ``model.onnx``
+(a verification must compute what a plain decode step would). Both sessions bind the same
+cache buffers.
 """
 
 from __future__ import annotations
@@ -18,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from starlift.core.artifact import LOGITS_TO_KEEP, PER_ROW_LENGTHS_KEY, past_names, present_names
+from starlift.core.artifact import (
+    GEMM_FILE,
+    GEMM_MIN_ROWS_KEY,
+    GEMM_MIN_TOKENS_KEY,
+    LOGITS_TO_KEEP,
+    PER_ROW_LENGTHS_KEY,
+    past_names,
+    present_names,
+)
 from starlift.core.errors import StarliftError, UsageError
 
 from .base import ModelMeta, Past, Runner
@@ -36,7 +53,8 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, model_path, providers: list[str] | None = None, threads: int | None = None,
                  graph_optimization: str = "all", session_config: dict[str, str] | None = None,
-                 kv_buffer: str = "auto", initial_capacity: int = 256, profile: bool = False):
+                 kv_buffer: str = "auto", initial_capacity: int = 256, profile: bool = False,
+                 int8_gemm: bool = True):
         super().__init__()
         self.model_path = Path(model_path)
         self.requested_providers = providers
@@ -52,6 +70,9 @@ class OnnxRuntimeRunner(Runner):
         self.kv_buffer, self.initial_capacity = kv_buffer, max(1, initial_capacity)
         self.shared_kv = False
         self.session = None
+        # int8_gemm: open the artifact's int8_gemm.onnx when it has one (False: model.onnx only)
+        self.use_gemm_graph, self.gemm_session = int8_gemm, None
+        self.gemm_min_tokens = self.gemm_min_rows = None
         # profile=True turns on ORT's kernel profiler (a JSON trace, see end_profiling);
         # run_seconds always sums the time spent inside ORT's run call, so a caller can tell
         # the runtime's share of a step from its own Python's.
@@ -83,6 +104,26 @@ class OnnxRuntimeRunner(Runner):
             opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "starlift-ort-profile")
         self.session = ort.InferenceSession(str(self.model_path), opts, providers=self._providers(ort))
         self._ort = ort
+        gemm = self.model_path.with_name(GEMM_FILE)
+        if self.use_gemm_graph and gemm.is_file():
+            if self.profile:
+                opts.profile_file_prefix += "-int8-gemm"
+            # its weights are derived from the 4-bit ones by constant folding, here, at load
+            self.gemm_session = ort.InferenceSession(str(gemm), opts, providers=self._providers(ort))
+            custom = self.gemm_session.get_modelmeta().custom_metadata_map or {}
+            try:
+                self.gemm_min_tokens = max(2, int(custom[GEMM_MIN_TOKENS_KEY]))
+                self.gemm_min_rows = max(2, int(custom[GEMM_MIN_ROWS_KEY]))
+            except (KeyError, ValueError) as e:
+                raise StarliftError(f"{gemm} has no valid {GEMM_MIN_TOKENS_KEY} / {GEMM_MIN_ROWS_KEY} metadata ({e}): "
+                                    "the artifact is damaged, quantize it again") from None
+
+    def session_for(self, rows: int, new_tokens: int):
+        """The session that runs a step of ``rows`` rows of ``new_tokens`` tokens each."""
+        if self.gemm_session is not None and (new_tokens >= self.gemm_min_tokens
+                                              or (new_tokens == 1 and rows >= self.gemm_min_rows)):
+            return self.gemm_session
+        return self.session
 
     def _read_metadata_impl(self) -> ModelMeta:
         inputs = {i.name: tuple(i.shape) for i in self.session.get_inputs()}
@@ -144,9 +185,9 @@ class OnnxRuntimeRunner(Runner):
                 np.array(logits_to_keep, np.int64))
         io.bind_ortvalue_input(LOGITS_TO_KEEP, value)
 
-    def _timed_run(self, io) -> None:
+    def _timed_run(self, io, session=None) -> None:
         start = time.perf_counter()
-        self.session.run_with_iobinding(io)
+        (session or self.session).run_with_iobinding(io)
         self.run_seconds += time.perf_counter() - start
 
     def _run_impl(self, input_ids, attention_mask, position_ids, past, logits_to_keep=0):
@@ -156,7 +197,8 @@ class OnnxRuntimeRunner(Runner):
                 "ONNX Runtime's GroupQueryAttention (the ort flavour) cannot take several new tokens on a non-empty "
                 f"cache for batch > 1 (got batch {b}, {t} tokens after {attention_mask.shape[1] - t}); prefill each "
                 "batch in one call, or use the portable flavour")
-        io = self.session.io_binding()
+        session = self.session_for(b, t)
+        io = session.io_binding()
         io.bind_output("logits")  # outputs come back in binding order: logits first
         for name, value in zip(self._past_names, past, strict=True):
             io.bind_ortvalue_input(name, value)
@@ -167,7 +209,7 @@ class OnnxRuntimeRunner(Runner):
         io.bind_cpu_input("position_ids", position_ids)
         if logits_to_keep:
             self.bind_logits_to_keep(io, logits_to_keep)
-        self._timed_run(io)
+        self._timed_run(io, session)
         outputs = io.get_outputs()
         return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
 
@@ -175,10 +217,12 @@ class OnnxRuntimeRunner(Runner):
         """Stop ORT's profiler; returns the path of its JSON trace (only with profile=True)."""
         if not self.profile or self.session is None:
             raise UsageError("profiling was not enabled: create the runner with profile=True")
+        if self.gemm_session is not None:
+            self.gemm_session.end_profiling()
         return self.session.end_profiling()
 
     def _deactivate_impl(self) -> None:
-        self.session = None
+        self.session = self.gemm_session = None
 
 
 class SlotPool(KVCache):
@@ -199,7 +243,7 @@ class SlotPool(KVCache):
     def __init__(self, runner: OnnxRuntimeRunner, max_batch: int, capacity: int):
         super().__init__(runner, max_batch)
         m = runner.meta
-        self._ort, self._session = runner._ort, runner.session
+        self._ort = runner._ort
         self.capacity = max(1, min(capacity, m.context or capacity))
         self._buffers = self._allocate(self.capacity)
         self._slot: dict = {}
@@ -231,9 +275,9 @@ class SlotPool(KVCache):
         self._lens[slot] = 0
 
     # ---- binding -------------------------------------------------------------------------
-    def _bind(self, rows: slice):
-        """An IO binding with past and present of every layer bound to ``buf[rows]``."""
-        io = self._session.io_binding()
+    def _bind(self, rows: slice, session):
+        """An IO binding of ``session`` with past and present of every layer bound to ``buf[rows]``."""
+        io = session.io_binding()
         io.bind_output("logits")  # first: outputs come back in binding order; rebinding keeps the slot
         runner = self.runner
         for past, present, buf in zip(runner._past_names, runner._present_names, self._buffers, strict=True):
@@ -263,17 +307,19 @@ class SlotPool(KVCache):
         self._lens[dst] = n
 
     # ---- steps ---------------------------------------------------------------------------
-    def prefill(self, seq, ids, all_logits: bool = False) -> np.ndarray:
+    def prefill(self, seq, ids, all_logits: bool = False, exact_step: bool = False) -> np.ndarray:
+        """``exact_step``: on model.onnx whatever the width (a speculative verification)."""
         slot = self._slot[seq]
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
         done, t = int(self._lens[slot]), ids.shape[1]
         self._check_room(seq, t)
         if done + t > self.capacity:
             self._grow(done + t)
-        key = ("prefill", slot)
+        session = self.runner.session if exact_step else self.runner.session_for(1, t)
+        key = ("prefill", slot, session is self.runner.session)
         io = self._bindings.get(key)
         if io is None:
-            io = self._bindings[key] = self._bind(slice(slot, slot + 1))
+            io = self._bindings[key] = self._bind(slice(slot, slot + 1), session)
         mask = np.ones((1, done + t), np.int64)
         positions = np.arange(done, done + t, dtype=np.int64)[None]
         self.runner.check_inputs(ids, mask, positions)
@@ -284,7 +330,7 @@ class SlotPool(KVCache):
         # skips the LM head for every position but the last), or 0 (all) for all_logits
         self.runner.bind_logits_to_keep(io, 0 if all_logits else 1)
         io.bind_output("logits")
-        self.runner._timed_run(io)
+        self.runner._timed_run(io, session)
         self._lens[slot] = done + t
         logits = io.get_outputs()[0].numpy().astype(np.float32, copy=False)
         return logits[0] if all_logits else logits[0, -1]
@@ -320,7 +366,7 @@ class SlotPool(KVCache):
         key = ("decode", n)
         io = self._bindings.get(key)
         if io is None:
-            io = self._bindings[key] = self._bind(slice(0, n))
+            io = self._bindings[key] = self._bind(slice(0, n), self.runner.session_for(n, 1))
             if self._logits is not None:  # a decode step writes its logits into our buffer
                 self._bindings[key, "logits"] = self._ort.OrtValue.ortvalue_from_numpy(self._logits[:n])
                 io.bind_ortvalue_output("logits", self._bindings[key, "logits"])
@@ -337,7 +383,7 @@ class SlotPool(KVCache):
         io.bind_cpu_input("position_ids", lens[:, None])  # read during the run, before lens moves
         if self._logits is None:
             io.bind_output("logits")
-        self.runner._timed_run(io)
+        self.runner._timed_run(io, self.runner.session_for(n, 1))
         self._lens[:n] += 1
         if self._logits is not None:
             return self._logits[:n, 0]
@@ -353,7 +399,7 @@ class SlotPool(KVCache):
     def extend(self, seq, ids) -> np.ndarray:
         # a decoding row's slot is a batch-1 view like a prefilling one's: the prefill call, every
         # position's logits (logits_to_keep=0 computes exactly the len(ids) positions fed)
-        return self.prefill(seq, ids, all_logits=True)
+        return self.prefill(seq, ids, all_logits=True, exact_step=True)
 
     def rollback(self, drops: dict) -> None:
         # the row's length is its mask's last 1: keys past it are never read, and overwritten next

@@ -301,3 +301,68 @@ def test_an_artifact_that_passed_its_gate_passes_parity(nano_int4):
     shape = tolerance.Shape.of(load_checkpoint("starcoder2-nano").config)
     allowance = tolerance.reference_allowance("int4", shape, b["scale"])
     assert b["mean_kl"] <= tolerance.kl_allowance(q["mean_kl"], 2 * allowance)
+
+
+def test_int8_gemm_graph_runs_wide_steps_on_the_integer_gemm_and_shares_the_cache(nano_ort, tmp_path):
+    """--int8-gemm: int8_gemm.onnx reads the 4-bit weights from model.onnx.data (no second data
+    file), both graphs pass starcoder2-nano's int4 gate, and the runner sends it a prompt of at
+    least min_tokens and a decode step of at least min_rows rows, while a one-row decode step,
+    a short step and a speculative verification run model.onnx; a decode step reads the cache
+    the other graph wrote (the slot pool binds one buffer to both sessions)."""
+    from starlift.core.artifact import GEMM_FILE
+    from starlift.runtimes import create_runner
+
+    out = tmp_path / "q4g"
+    m = quantize_artifact(nano_ort, out, mode="int4", int8_gemm=True, progress=False)
+    q, info = m["quality"], m["quantization"]["int8_gemm"]
+    assert q["passed"] and q["int8_gemm"]["passed"], q["checks"]
+    assert q["int8_gemm"]["top1_agreement"] >= 0.93 and "int8_gemm top1_agreement" in q["checks"]
+    layers = json.loads((nano_ort / "config.json").read_text())["num_hidden_layers"]
+    assert info["file"] == GEMM_FILE and info["integer_gemms"] == 6 * layers  # q, k, v, o, fc, proj
+    assert (info["min_tokens"], info["min_rows"]) == (16, 2)
+    assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]
+    assert GEMM_FILE in verify(out)["files"]
+    graph = onnx.load(str(out / GEMM_FILE), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == 6 * layers
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 1  # the 8-bit LM head stays
+    external = {e.value for i in graph.initializer for e in i.external_data if e.key == "location"}
+    assert external == {"model.onnx.data"}
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(100, 8000, 40).tolist(), rng.integers(100, 8000, 24).tolist()]
+    results = {}
+    for use in (True, False):
+        runner = create_runner("onnxruntime", out, int8_gemm=use).activate()
+        assert (runner.gemm_session is not None) is use
+        cache = runner.create_cache(2)
+        firsts = []
+        for name, ids in zip("ab", prompts, strict=True):
+            cache.add(name)
+            firsts.append(cache.prefill(name, ids))  # 40 and 24 tokens: the integer GEMM when there is one
+        cache.join("a")
+        alone = cache.decode([int(firsts[0].argmax())])[0]  # one row: model.onnx
+        verify_step = cache.extend("a", np.array([5, 6, 7], np.int64))  # a verification: model.onnx
+        cache.join("b")
+        pair = cache.decode([9, int(firsts[1].argmax())])  # two rows: the integer GEMM
+        short = runner.run(np.array([prompts[0][:4]]), np.ones((1, 4), np.int64), np.arange(4)[None],
+                           runner.empty_past(1))[0][0]
+        results[use] = firsts[0], alone, verify_step, pair, short
+        cache.close()
+        runner.deactivate()
+
+    def kl(a, b):
+        la, lb = (x - x.max() - np.log(np.exp(x - x.max()).sum()) for x in (a.astype(np.float64), b.astype(np.float64)))
+        return float((np.exp(la) * (la - lb)).sum())
+
+    (g_first, g_alone, g_verify, g_pair, g_short), (d_first, d_alone, d_verify, d_pair, d_short) = \
+        results[True], results[False]
+    assert np.array_equal(g_short, d_short)  # 4 tokens < min_tokens: both ran model.onnx
+    assert not np.allclose(g_first, d_first, atol=1e-5)  # the prompt really ran the other graph
+    assert not np.allclose(g_pair, d_pair, atol=1e-5)  # so did the two-row decode step
+    # every step's distribution stays close to the all-model.onnx run's (model.onnx's steps read
+    # a cache the integer GEMM wrote)
+    for a, b in [(d_first, g_first), (d_alone, g_alone), (d_verify[-1], g_verify[-1]), (d_pair[1], g_pair[1])]:
+        assert kl(a, b) < 0.05, kl(a, b)
+    with pytest.raises(UsageError, match="--int8-gemm"):
+        quantize_artifact(nano_ort, tmp_path / "bad", mode="int8", int8_gemm=True, progress=False)
+    assert not (tmp_path / "bad").exists()

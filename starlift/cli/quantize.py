@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bits of the head, 32 = kept in float (default: 8 for the LM head, 32 for a classifier's)")
     p.add_argument("--head-block-size", type=int, default=None, choices=[16, 32, 64, 128, 256],
                    help="block size of the LM head's scales (default: 128 for int4's 8-bit head, else --block-size)")
+    p.add_argument("--int8-gemm", action="store_true",
+                   help="int4: also write int8_gemm.onnx, which runs prompts and decode steps of several sequences "
+                        "on the int8 x int8 GEMM with weights derived from the 4-bit ones at load (faster on CPUs "
+                        "without AVX-512 VNNI; one more byte per weight in memory; docs/guide/quantize.md)")
     p.add_argument("--calibration", default=None, help="code text for GPTQ calibration (required by --algo gptq)")
     p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: a built-in snippet and four stdlib modules)")
     p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
@@ -56,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
                           exclude=args.exclude, eval_text=text, eval_windows=args.eval_windows, force=args.force, sign_key=args.sign_key,
                           allow_quality_loss=args.allow_quality_loss, progress=not args.no_progress,
                           stream=args.stream, quality_layers=args.quality_layers,
-                          max_memory=parse_size(args.max_memory) if args.max_memory else None)
+                          max_memory=parse_size(args.max_memory) if args.max_memory else None,
+                          int8_gemm=args.int8_gemm)
     q = m["quality"]
     if "label_agreement" in q:  # a classifier: judged on its labels and probabilities
         print(f"wrote {args.out}: {args.mode}, {m['size']['onnx_bytes'] / 2**20:.1f} MiB "
@@ -70,4 +75,9 @@ def main(args: argparse.Namespace) -> int:
           f"perplexity {q['perplexity_fp32']:.3f} -> {q['perplexity']:.3f}"
           + (f" (graphs cut after {q['layers']} of {q['of_layers']} layers)" if q.get("graph") == "cut" else "")
           + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
+    if "int8_gemm" in q:
+        g, wide = m["quantization"]["int8_gemm"], q["int8_gemm"]
+        print(f"  {g['file']} (prompts of {g['min_tokens']}+ tokens, decode steps of {g['min_rows']}+ rows, on the "
+              f"integer GEMM): top-1 {wide['top1_agreement']:.3f}, mean KL {wide['mean_kl']:.2e}, "
+              f"perplexity {wide['perplexity']:.3f}")
     return 0

@@ -24,6 +24,13 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # the attention mask (seqlens_k = index of the last 1 per row): "true" lets a runner keep many
 # sequences of different lengths in one shared, right-padded buffer (ONNX Runtime's slot pool)
 PER_ROW_LENGTHS_KEY = "starlift.kv_cache.per_row_lengths"
+# A 4-bit artifact's optional second graph for wide steps (``starlift quantize --int8-gemm``,
+# quantize/int8_gemm.py): the same decoder contract, its matmuls on the integer GEMM, its weights
+# read from model.onnx.data. Its metadata names the steps a runner sends to it: a row's step of at
+# least min_tokens new tokens (a prompt), a decode step of at least min_rows rows.
+GEMM_FILE = "int8_gemm.onnx"
+GEMM_MIN_TOKENS_KEY = "starlift.int8_gemm.min_tokens"
+GEMM_MIN_ROWS_KEY = "starlift.int8_gemm.min_rows"
 
 
 def past_names(layers: int) -> list[str]:
