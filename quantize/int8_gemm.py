@@ -1,4 +1,4 @@
-"""The integer-GEMM graph of a 4-bit artifact: wide steps on int8 x int8 products, the same weights.
+"""The integer-GEMM graph of a 4-bit artifact: wide steps on int8 x int8 products.
 
 A 4-bit artifact's MatMulNBits reads half a byte per weight: right for one sequence decoding,
 where a step multiplies one row and its time is the weights' bytes. A prompt multiplies
@@ -6,40 +6,43 @@ hundreds of rows by the same weights, and a server's decode step one row per seq
 the time is arithmetic, and on a CPU without AVX-512 VNNI ONNX Runtime's 4-bit kernel computes
 no faster than float32 SGEMM, while MLAS's U8U8 integer GEMM (issue 14's
 ``--int8-method dynamic-row``) does the same product faster. Measured here (AMD EPYC, AVX2,
-2 threads; one node of the 113M shape, scratch script in the issue 18 note): 768 x 3072 and
-3072 x 768, median per call, 4-bit / integer GEMM: 1 row 0.71x / 0.65x (the 4-bit kernel wins),
-2 rows 1.19x / 1.48x, 4 rows 1.67x / 1.58x, 16 rows 1.52x / 1.21x, 128 rows 1.55x / 1.54x,
-1,024 rows 1.33x / 1.63x.
+2 threads; one node of the 113M shape; docs/performance/latency.md section 6): 768 x 3072 and
+3072 x 768, median per call, 4-bit time / integer-GEMM time: 1 row 0.71x / 0.65x (the 4-bit
+kernel wins), 2 rows 1.19x / 1.48x, 4 rows 1.67x / 1.58x, 16 rows 1.52x / 1.21x, 1,024 rows
+1.33x / 1.63x.
 
-``int8_gemm.onnx`` is the artifact's graph with every 4-bit MatMulNBits replaced by that
-integer GEMM (``MatMulIntegerToFloat`` with one activation scale per row, as ``_row_int8``
-builds it, so a row's result does not depend on its batch-mates), fed by weights derived *in
-the graph* from the 4-bit initializers themselves:
+``int8_gemm.onnx`` is the artifact's graph with every 4-bit MatMulNBits of the body replaced by
+that integer GEMM (``MatMulIntegerToFloat`` with one activation scale per row, the activation
+side of ``_row_int8``, so a row's result does not depend on its batch-mates). Its uint8 weights
+are the 4-bit weights re-expressed on one grid per column, not a second quantization of the
+float weights (which this stage no longer has):
 
     a weight is (q - z) * s, q its 4-bit value, z and s its block's zero point and scale
-    column scale  c = max over the column's blocks of s * max(z, 15 - z) / 127
-    uint8 weight  round((q - z) * s / c) + 128, in [1, 255]; transposed to [K, N]
+    column scale  c = max over the column's blocks of |s| * max(z, 15 - z) / 127
+    uint8 weight  round((q - z) * s / c) + 128, in [1, 255]; stored [K, N]
 
-Every input of that chain is an initializer, so ONNX Runtime's constant folding computes it
-once when the session loads (2.4 s for the 113M shape here): the file holds only nodes and a
-few scalars and reads its weights from the artifact's own ``model.onnx.data``. Nothing is
-stored twice on disk; in memory the second session holds one more byte per weight. The runner
-sends a step to it when a row feeds at least ``MIN_TOKENS`` tokens or a decode step has at
-least ``MIN_ROWS`` rows; the KV cache it writes is the one model.onnx reads (the same buffers,
-bound to both sessions).
+(round-to-nearest quantization puts a block's smallest weight at 0 and its largest at 15, so
+``c`` is the column's largest weight / 127.) They are stored in ``int8_gemm.onnx.data``, one
+byte per weight; every other tensor (the embedding and the 8-bit LM head, norms, biases) is
+read from the artifact's ``model.onnx.data``, at the offsets model.onnx names. Derived one
+weight at a time, so the peak memory is one float copy of the largest weight.
 
-Hand-written because no maintained tool derives a second kernel's weights from a quantized
-graph: onnxruntime.quantization quantizes float weights, and ONNX Runtime's constant folding
-leaves DequantizeLinear (the standard way to unpack blocked 4-bit weights) unfolded on purpose.
+An earlier version derived them inside the graph and let ONNX Runtime's constant folding
+compute them at load (nothing on disk): its folding kept every intermediate alive at once,
+1.86 GB of peak memory for the 113M shape's 85 MB of weights.
+
+Hand-written because no maintained tool re-expresses quantized weights for another kernel:
+onnxruntime.quantization quantizes float weights.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from starlift.core.artifact import GEMM_FILE, GEMM_MIN_ROWS_KEY, GEMM_MIN_TOKENS_KEY
+from starlift.core.artifact import GEMM_FILE, GEMM_MIN_ROWS_KEY, GEMM_MIN_TOKENS_KEY, MODEL_FILE
 
 # a row's step of this many tokens (a prompt, a prefill chunk) runs the integer GEMM; shorter
 # multi-token steps are speculative verifications (up to 8 draft tokens by default), which stay
@@ -47,18 +50,44 @@ from starlift.core.artifact import GEMM_FILE, GEMM_MIN_ROWS_KEY, GEMM_MIN_TOKENS
 MIN_TOKENS = 16
 # a decode step of this many rows runs the integer GEMM (two rows: 1.19-1.48x faster per node)
 MIN_ROWS = 2
+DATA_FILE = GEMM_FILE + ".data"
+ALIGN = 4096  # tensors start on a page boundary in the data file (ONNX Runtime can map them)
 
 
-def build_gemm_graph(model, head_nodes: set[str] | None = None) -> int:
-    """Rewrite ``model`` (loaded without its external data) in place; returns how many 4-bit
-    MatMulNBits now run as integer GEMMs (0: nothing to do, the model is unchanged)."""
+def uint8_weights(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int,
+                  block: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' 4-bit weights (``packed`` [N, blocks, block / 2], ``scales`` N * blocks,
+    packed 4-bit ``zero_points`` [N, ceil(blocks / 2)] or None for 8) as uint8 [K, N] around 128
+    with one float32 scale per column [N]."""
+    n, blocks = packed.shape[0], packed.shape[1]
+    q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
+    if zero_points is None:
+        z = np.full((n, blocks), 8.0, np.float32)
+    else:
+        z = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    s = scales.reshape(n, blocks).astype(np.float32)
+    # |s|: onnxruntime's symmetric quantizer stores a negative scale for blocks whose largest
+    # magnitude is negative (that weight maps to -8, the grid's long end)
+    column = np.maximum((np.abs(s) * np.maximum(z, 15 - z)).max(axis=1), 1e-30) / 127
+    ratio = s / column[:, None]
+    u8 = np.rint(q * ratio[..., None] + (128 - z * ratio)[..., None])
+    u8 = np.clip(u8, 0, 255).astype(np.uint8).reshape(n, blocks * block)[:, :k]
+    return np.ascontiguousarray(u8.T), column.astype(np.float32)
+
+
+def write_gemm_graph(folder: Path, head_nodes: set[str] | None = None) -> int:
+    """``folder/int8_gemm.onnx`` and its ``int8_gemm.onnx.data`` from ``folder/model.onnx``;
+    returns the number of integer GEMMs (0: nothing written)."""
+    import onnx
     from onnx import helper, numpy_helper
+    from onnx.external_data_helper import set_external_data
 
     from .quantizer import RowQuantizer, _ms_opset, _row_constants
 
-    head_nodes = head_nodes or set()
-    graph = model.graph
-    inits = {i.name for i in graph.initializer}
+    folder = Path(folder)
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    graph, head_nodes = model.graph, head_nodes or set()
+    inits = {i.name: i for i in graph.initializer}
 
     def attrs(node):
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -70,121 +99,43 @@ def build_gemm_graph(model, head_nodes: set[str] | None = None) -> int:
     if not targets:
         return 0
     c = "/int8gemm/"
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(15, np.uint8), c + "mask"),
-        numpy_helper.from_array(np.array(4, np.uint8), c + "shift"),
-        numpy_helper.from_array(np.array([-1], np.int64), c + "last"),
-        numpy_helper.from_array(np.array([0], np.int64), c + "first"),
-        numpy_helper.from_array(np.array(8.0, np.float32), c + "zp8"),
-        numpy_helper.from_array(np.array(15.0, np.float32), c + "f15"),
-        numpy_helper.from_array(np.array([1, 2], np.int64), c + "blocks_axes"),
-        numpy_helper.from_array(np.array([-1, 1, 1], np.int64), c + "n11"),
-        numpy_helper.from_array(np.array(128.0, np.float32), c + "f128"),
-        *_row_constants(c),  # inv127, tiny, zp128 and the activation side's
-    ])
+    graph.initializer.extend(_row_constants(c))
     rows = RowQuantizer(c)
     placed: dict[str, list] = {}
-    for node in targets:
-        a = attrs(node)
-        k, n, block = a["K"], a["N"], a["block_size"]
-        blocks = (k + block - 1) // block
-        b, scales = node.input[1], node.input[2]
-        zps = node.input[3] if len(node.input) > 3 and node.input[3] else None
-        p = node.name + c
-        shape = p + "shape_"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.array([n, blocks, block], np.int64), shape + "nbk"),
-            numpy_helper.from_array(np.array([n, blocks, 1], np.int64), shape + "nb1"),
-            numpy_helper.from_array(np.array([n, blocks * block], np.int64), shape + "nk"),
-            numpy_helper.from_array(np.array([k], np.int64), shape + "k"),
-            numpy_helper.from_array(np.array([blocks], np.int64), shape + "blocks"),
-            numpy_helper.from_array(np.array([n, -1], np.int64), shape + "n_"),
-        ])
-        # per block [N, blocks, 1]: its scale s and zero point z; a weight is (q - z) * s
-        chain = [helper.make_node("Reshape", [scales, shape + "nb1"], [p + "s"], name=p + "s/Reshape")]
-        if zps:  # packed 4-bit zero points [N, ceil(blocks / 2)]: nibbles, cut to `blocks`
-            chain += [*_nibbles(zps, p + "z", c),
-                      helper.make_node("Reshape", [p + "z/pairs", shape + "n_"], [p + "z/all"], name=p + "z/Reshape"),
-                      helper.make_node("Slice", [p + "z/all", c + "first", shape + "blocks", c + "last"],
-                                       [p + "z/cut"], name=p + "z/Slice"),
-                      helper.make_node("Reshape", [p + "z/cut", shape + "nb1"], [p + "z/nb1"], name=p + "z/Reshape2"),
-                      helper.make_node("Cast", [p + "z/nb1"], [p + "z"], name=p + "z/Cast", to=1)]
-            zp = p + "z"
-        else:
-            zp = c + "zp8"
-        chain += [
-            # the column's scale from the blocks' (no pass over the weights): its largest weight is
-            # at most max over blocks of s * max(z, 15 - z), reached when a block's grid is used end
-            # to end (round-to-nearest puts a block's min at 0 and its max at 15)
-            helper.make_node("Sub", [c + "f15", zp], [p + "z/up"], name=p + "z/Sub"),
-            helper.make_node("Max", [zp, p + "z/up"], [p + "z/reach"], name=p + "z/Max"),
-            helper.make_node("Mul", [p + "s", p + "z/reach"], [p + "s/reach"], name=p + "s/Mul"),
-            helper.make_node("ReduceMax", [p + "s/reach", c + "blocks_axes"], [p + "col/amax"],
-                             name=p + "col/ReduceMax", keepdims=0),
-            helper.make_node("Max", [p + "col/amax", c + "tiny"], [p + "col/amax1"], name=p + "col/Max"),
-            helper.make_node("Mul", [p + "col/amax1", c + "inv127"], [p + "col/scale"], name=p + "col/Mul"),
-            # u8 = round((q - z) * s / col_scale) + 128 = round(q * ratio + offset), in [1, 255]
-            helper.make_node("Reshape", [p + "col/scale", c + "n11"], [p + "col/n11"], name=p + "col/Reshape"),
-            helper.make_node("Div", [p + "s", p + "col/n11"], [p + "ratio"], name=p + "ratio/Div"),
-            helper.make_node("Mul", [zp, p + "ratio"], [p + "zr"], name=p + "zr/Mul"),
-            helper.make_node("Sub", [c + "f128", p + "zr"], [p + "offset"], name=p + "offset/Sub"),
-            *_nibbles(b, p + "w", c),
-            helper.make_node("Reshape", [p + "w/pairs", shape + "nbk"], [p + "w/q"], name=p + "w/Reshape"),
-            helper.make_node("Cast", [p + "w/q"], [p + "w/qf"], name=p + "w/Cast", to=1),
-            helper.make_node("Mul", [p + "w/qf", p + "ratio"], [p + "w/scaled"], name=p + "w/Mul"),
-            helper.make_node("Add", [p + "w/scaled", p + "offset"], [p + "w/shifted"], name=p + "w/Add"),
-            helper.make_node("Round", [p + "w/shifted"], [p + "w/round"], name=p + "w/Round"),
-            helper.make_node("Cast", [p + "w/round"], [p + "w/u8blocks"], name=p + "w/CastU8", to=2),
-            helper.make_node("Reshape", [p + "w/u8blocks", shape + "nk"], [p + "w/nk"], name=p + "w/Reshape2"),
-        ]
-        nk = p + "w/nk"
-        if blocks * block != k:  # the last block's padding
-            chain.append(helper.make_node("Slice", [nk, c + "first", shape + "k", c + "last"], [p + "w/nkcut"],
-                                          name=p + "w/Slice"))
-            nk = p + "w/nkcut"
-        chain.append(helper.make_node("Transpose", [nk], [p + "w/u8"], name=p + "w/Transpose", perm=[1, 0]))
-        q, row_scale, quantize_nodes = rows.quantized(node.input[0])
-        chain = quantize_nodes + chain
-        chain.append(helper.make_node(
-            "MatMulIntegerToFloat", [q, p + "w/u8", row_scale, p + "col/scale", c + "zp128", c + "zp128"],
-            list(node.output), name=p + "MatMulIntegerToFloat", domain="com.microsoft"))
-        placed[node.output[0]] = chain
+    tmp = folder / (DATA_FILE + ".partial")
+    with open(tmp, "wb") as data:
+        for node in targets:
+            a = attrs(node)
+            tensors = [numpy_helper.to_array(inits[i], base_dir=str(folder)) if i else None
+                       for i in list(node.input[1:4]) + [""] * (4 - len(node.input))][:3]
+            wq, scale = uint8_weights(tensors[0], tensors[1], tensors[2], a["K"], a["block_size"])
+            names = []
+            for suffix, array in (("_u8", wq), ("_u8_scale", scale)):
+                tensor = numpy_helper.from_array(array, node.input[1] + suffix)
+                offset = -(-data.tell() // ALIGN) * ALIGN if array.nbytes >= ALIGN else data.tell()
+                data.seek(offset)
+                data.write(tensor.raw_data)
+                set_external_data(tensor, DATA_FILE, offset, array.nbytes)  # sets data_location too
+                tensor.ClearField("raw_data")
+                graph.initializer.append(tensor)
+                names.append(tensor.name)
+            q, row_scale, quantize_nodes = rows.quantized(node.input[0])
+            placed[node.output[0]] = quantize_nodes + [helper.make_node(
+                "MatMulIntegerToFloat", [q, names[0], row_scale, names[1], c + "zp128", c + "zp128"],
+                list(node.output), name=node.name + c + "MatMulIntegerToFloat", domain="com.microsoft")]
     new = []
     for node in graph.node:
         new.extend(placed.get(node.output[0], [node]) if node.output else [node])
     del graph.node[:]
     graph.node.extend(new)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:  # the 4-bit weights: model.onnx's only
+        graph.initializer.remove(init)
     _ms_opset(model)
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):
-        raise ValueError("the integer-GEMM graph's BitwiseAnd needs opset 18")
+    # model.onnx's own metadata (per-row lengths) holds here too; these say which steps to send
+    model.metadata_props.add(key=GEMM_MIN_TOKENS_KEY, value=str(MIN_TOKENS))
+    model.metadata_props.add(key=GEMM_MIN_ROWS_KEY, value=str(MIN_ROWS))
+    os.replace(tmp, folder / DATA_FILE)
+    # the shared tensors keep their model.onnx.data references (never loaded here)
+    onnx.save_model(model, str(folder / GEMM_FILE))
     return len(targets)
-
-
-def _nibbles(packed: str, p: str, c: str) -> list:
-    """``packed`` uint8 [..., m] -> [..., m, 2]: (low nibble, high nibble) per byte, MatMulNBits'
-    order (element 2i in the low half)."""
-    from onnx import helper
-
-    return [helper.make_node("BitwiseAnd", [packed, c + "mask"], [p + "/low"], name=p + "/BitwiseAnd"),
-            helper.make_node("BitShift", [packed, c + "shift"], [p + "/high"], name=p + "/BitShift",
-                             direction="RIGHT"),
-            helper.make_node("Unsqueeze", [p + "/low", c + "last"], [p + "/low1"], name=p + "/UnsqueezeLow"),
-            helper.make_node("Unsqueeze", [p + "/high", c + "last"], [p + "/high1"], name=p + "/UnsqueezeHigh"),
-            helper.make_node("Concat", [p + "/low1", p + "/high1"], [p + "/pairs"], name=p + "/Concat", axis=-1)]
-
-
-def write_gemm_graph(folder: Path, head_nodes: set[str] | None = None) -> int:
-    """``folder/int8_gemm.onnx`` from ``folder/model.onnx``, reading the same ``model.onnx.data``;
-    returns the number of integer GEMMs (0: no file written)."""
-    import onnx
-
-    model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
-    count = build_gemm_graph(model, head_nodes)
-    if count:
-        # model.onnx's own metadata (per-row lengths) holds here too
-        model.metadata_props.add(key=GEMM_MIN_TOKENS_KEY, value=str(MIN_TOKENS))
-        model.metadata_props.add(key=GEMM_MIN_ROWS_KEY, value=str(MIN_ROWS))
-        # the weights stay where model.onnx keeps them: each initializer still names its
-        # offset in model.onnx.data, and the new ones are scalars and shapes, stored inline
-        onnx.save_model(model, str(Path(folder) / GEMM_FILE))
-    return count

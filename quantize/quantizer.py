@@ -503,7 +503,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                     raise UsageError(f"{src} has no 4-bit MatMulNBits for --int8-gemm to run on the integer GEMM "
                                      "(every matmul excluded?)")
                 details["int8_gemm"] = {"file": GEMM_FILE, "min_tokens": MIN_TOKENS, "min_rows": MIN_ROWS,
-                                        "integer_gemms": gemms}
+                                        "integer_gemms": gemms,
+                                        "bytes": sum(p.stat().st_size for p in tmp.glob(GEMM_FILE + "*"))}
             for name in ("config.json", "tokenizer.json", "generation_config.json", "genai_config.json"):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)

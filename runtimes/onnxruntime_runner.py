@@ -108,7 +108,6 @@ class OnnxRuntimeRunner(Runner):
         if self.use_gemm_graph and gemm.is_file():
             if self.profile:
                 opts.profile_file_prefix += "-int8-gemm"
-            # its weights are derived from the 4-bit ones by constant folding, here, at load
             self.gemm_session = ort.InferenceSession(str(gemm), opts, providers=self._providers(ort))
             custom = self.gemm_session.get_modelmeta().custom_metadata_map or {}
             try:

@@ -320,13 +320,18 @@ def test_int8_gemm_graph_runs_wide_steps_on_the_integer_gemm_and_shares_the_cach
     layers = json.loads((nano_ort / "config.json").read_text())["num_hidden_layers"]
     assert info["file"] == GEMM_FILE and info["integer_gemms"] == 6 * layers  # q, k, v, o, fc, proj
     assert (info["min_tokens"], info["min_rows"]) == (16, 2)
-    assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]
-    assert GEMM_FILE in verify(out)["files"]
+    assert sorted(p.name for p in out.glob("*.data")) == ["int8_gemm.onnx.data", "model.onnx.data"]
+    assert {GEMM_FILE, GEMM_FILE + ".data"} <= set(verify(out)["files"])
     graph = onnx.load(str(out / GEMM_FILE), load_external_data=False).graph
     assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == 6 * layers
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 1  # the 8-bit LM head stays
-    external = {e.value for i in graph.initializer for e in i.external_data if e.key == "location"}
-    assert external == {"model.onnx.data"}
+    # its own file holds the uint8 weights (one byte each, plus a scale per column); the rest
+    # (embedding, head, norms) is read from model.onnx.data
+    location = {i.name: {e.key: e.value for e in i.external_data}.get("location") for i in graph.initializer}
+    assert set(location.values()) == {"model.onnx.data", "int8_gemm.onnx.data", None}
+    own = [i for i in graph.initializer if location[i.name] == "int8_gemm.onnx.data"]
+    weights = sum(int(np.prod(i.dims)) for i in own if i.data_type == onnx.TensorProto.UINT8)
+    assert len(own) == 2 * 6 * layers and weights <= (out / "int8_gemm.onnx.data").stat().st_size < 1.2 * weights
 
     rng = np.random.default_rng(3)
     prompts = [rng.integers(100, 8000, 40).tolist(), rng.integers(100, 8000, 24).tolist()]
@@ -366,3 +371,38 @@ def test_int8_gemm_graph_runs_wide_steps_on_the_integer_gemm_and_shares_the_cach
     with pytest.raises(UsageError, match="--int8-gemm"):
         quantize_artifact(nano_ort, tmp_path / "bad", mode="int8", int8_gemm=True, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("symmetric,k", [(False, 96), (True, 96), (False, 80)])
+def test_int8_gemm_weights_are_the_4bit_weights_on_one_grid_per_column(symmetric, k):
+    """The uint8 weights of --int8-gemm re-express what ONNX Runtime's own MatMulNBits kernel
+    multiplies by (its output for the identity matrix is its dequantized weight matrix): within
+    half a step of each column's grid, with zero points or without, and with a last block
+    padded (K = 80 in blocks of 32)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from quantize.int8_gemm import uint8_weights
+
+    n = 48
+    w = np.random.default_rng(k).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                              [numpy_helper.from_array(w, "w")])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                                     block_size=32, is_symmetric=symmetric, accuracy_level=1)
+    quantizer.process()
+    model = quantizer.model.model
+    dequantized = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.eye(k, dtype=np.float32)})[0]  # [K, N]: what the kernel multiplies by
+    node = next(nd for nd in model.graph.node if nd.op_type == "MatMulNBits")
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = arrays[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    assert (zero_points is None) == symmetric
+    u8, scale = uint8_weights(arrays[node.input[1]], arrays[node.input[2]], zero_points, k, 32)
+    assert u8.shape == (k, n) and u8.dtype == np.uint8 and scale.shape == (n,)
+    assert np.allclose(scale * 127, np.abs(dequantized).max(axis=0), rtol=1e-5)  # the grid spans the column
+    error = np.abs((u8.astype(np.float32) - 128) * scale - dequantized)
+    assert (error <= scale / 2 * 1.0001 + 1e-7).all(), error.max()

@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block size of the LM head's scales (default: 128 for int4's 8-bit head, else --block-size)")
     p.add_argument("--int8-gemm", action="store_true",
                    help="int4: also write int8_gemm.onnx, which runs prompts and decode steps of several sequences "
-                        "on the int8 x int8 GEMM with weights derived from the 4-bit ones at load (faster on CPUs "
-                        "without AVX-512 VNNI; one more byte per weight in memory; docs/guide/quantize.md)")
+                        "on the int8 x int8 GEMM, its weights the 4-bit ones on one grid per column (faster on CPUs "
+                        "without AVX-512 VNNI; one more byte per weight; docs/guide/quantize.md)")
     p.add_argument("--calibration", default=None, help="code text for GPTQ calibration (required by --algo gptq)")
     p.add_argument("--eval-text", default=None, help="code text for the quality measurement (default: a built-in snippet and four stdlib modules)")
     p.add_argument("--eval-windows", type=int, default=4, help="windows of up to 1024 tokens to measure on")
