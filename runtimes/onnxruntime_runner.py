@@ -213,12 +213,24 @@ class OnnxRuntimeRunner(Runner):
         return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
 
     def end_profiling(self) -> str:
-        """Stop ORT's profiler; returns the path of its JSON trace (only with profile=True)."""
+        """Stop ORT's profiler; returns the path of its JSON trace (only with profile=True), both
+        sessions' events on one clock when the artifact has an integer-GEMM graph."""
         if not self.profile or self.session is None:
             raise UsageError("profiling was not enabled: create the runner with profile=True")
-        if self.gemm_session is not None:
-            self.gemm_session.end_profiling()
-        return self.session.end_profiling()
+        path = self.session.end_profiling()
+        if self.gemm_session is not None:  # one trace: the integer-GEMM session's events join it
+            import json
+
+            other = self.gemm_session.end_profiling()
+            shift = (self.gemm_session.get_profiling_start_time_ns()
+                     - self.session.get_profiling_start_time_ns()) // 1000  # µs, each trace's own zero
+            events = json.loads(Path(other).read_text())
+            for event in events:
+                if "ts" in event:
+                    event["ts"] += shift
+            Path(path).write_text(json.dumps(json.loads(Path(path).read_text()) + events))
+            os.remove(other)
+        return path
 
     def _deactivate_impl(self) -> None:
         self.session = self.gemm_session = None

@@ -368,6 +368,16 @@ def test_int8_gemm_graph_runs_wide_steps_on_the_integer_gemm_and_shares_the_cach
     # a cache the integer GEMM wrote)
     for a, b in [(d_first, g_first), (d_alone, g_alone), (d_verify[-1], g_verify[-1]), (d_pair[1], g_pair[1])]:
         assert kl(a, b) < 0.05, kl(a, b)
+    # ORT's profiler over both sessions (one trace): which kernels a prompt, a two-row decode
+    # step and a one-row decode step ran
+    from starlift.bench import profile
+
+    ops = {name: set(r["profiled"]["by_op_ms"]) for name, r in (
+        ("prompt", profile.run_prefill(out, prompt_len=32, reps=1)),
+        ("two rows", profile.run(out, prompt_len=8, steps=4, batch=2, reps=1)),
+        ("one row", profile.run(out, prompt_len=8, steps=4, batch=1, reps=1)))}
+    assert "MatMulIntegerToFloat" in ops["prompt"] and "MatMulIntegerToFloat" in ops["two rows"], ops
+    assert "MatMulIntegerToFloat" not in ops["one row"], ops
     with pytest.raises(UsageError, match="--int8-gemm"):
         quantize_artifact(nano_ort, tmp_path / "bad", mode="int8", int8_gemm=True, progress=False)
     assert not (tmp_path / "bad").exists()

@@ -19,7 +19,7 @@ import pytest
 
 from starlift.core.errors import UsageError
 from starlift.engine import Engine, SamplingParams
-from starlift.engine.speculative import PromptLookup
+from starlift.engine.speculative import MAX_PAUSE, PromptLookup, schedule
 from starlift.model.tokenizer import Tokenizer
 from starlift.runtimes import create_runner
 
@@ -145,6 +145,18 @@ def test_nano_copies_in_long_drafts(nano_ort):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected + "\n"
+
+
+def test_schedule_waits_longer_while_drafts_fail_at_their_first_token():
+    """After a draft rejected at its first token the row decodes plain for 1, 2, 4 ... MAX_PAUSE
+    steps; any accepted token ends the wait; the length follows +2 on a full accept, -1 else."""
+    length, backoff, pauses = 8, 1, []
+    for _ in range(8):
+        length, pause, backoff = schedule(length, backoff, 0, length, 8)
+        pauses.append(pause)
+    assert pauses == [1, 2, 4, 8, 16, 32, 32, 32] and MAX_PAUSE == 32 and length == 1
+    assert schedule(1, backoff, 1, 3, 8) == (1, 0, 1)  # a kept token: no wait, the wait resets
+    assert schedule(3, 16, 3, 3, 8) == (5, 0, 1) and schedule(7, 1, 7, 7, 8) == (8, 0, 1)
 
 
 def test_speculative_sampling_keeps_the_distribution(artifacts, tokenizer):

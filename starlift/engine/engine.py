@@ -34,7 +34,7 @@ import numpy as np
 from starlift.core.errors import QueueFullError, StarliftError, UsageError
 
 from .sampling import MAX_LOGPROBS, Sampler, SamplingParams, logprobs
-from .speculative import PromptLookup
+from .speculative import PromptLookup, schedule
 from .text import TextState
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -139,7 +139,8 @@ class _Request:
         # prompt-lookup speculative decoding: the n-gram index, drafts proposed and accepted
         self.lookup = PromptLookup(prompt) if params.speculative == "prompt-lookup" else None
         self.drafted = self.accepted = 0
-        self.draft_len = params.draft_tokens  # adapted: +2 after a fully accepted draft, -1 after a rejection
+        self.draft_len = params.draft_tokens  # adapted by speculative.schedule after each verification
+        self.draft_pause, self.draft_backoff = 0, 1  # plain steps before the next draft, and the next wait
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancel_requested = False
@@ -628,7 +629,9 @@ class Engine:
                 k = min(request.draft_len, request.params.max_new_tokens - request.generated)
                 if self.context:
                     k = min(k, self.context - cache.length(request) - 1)
-                if k > 0:
+                if request.draft_pause:
+                    request.draft_pause -= 1
+                elif k > 0:
                     draft = request.lookup.draft(k)
                     any_draft = any_draft or bool(draft)
             out.append(draft)
@@ -675,9 +678,10 @@ class Engine:
                 if j >= len(block):  # the rest of the draft was not fed yet (the slot pool's two calls)
                     block = extend(i)
             drops[request] = fed[i] - (j + 1)
-            if draft:  # transformers' schedule for assistant models: longer drafts while they are kept
-                request.draft_len = (min(request.params.draft_tokens, request.draft_len + 2) if j >= len(draft)
-                                     else max(1, request.draft_len - 1))
+            if draft:
+                request.draft_len, request.draft_pause, request.draft_backoff = schedule(
+                    request.draft_len, request.draft_backoff, min(j, len(draft)), len(draft),
+                    request.params.draft_tokens)
         cache.rollback(drops)
 
     def _emit(self, request: _Request, token: int, logits: np.ndarray, now: float) -> bool:

@@ -81,6 +81,26 @@ class PromptLookup:
         return []
 
 
+MAX_PAUSE = 32  # steps: the longest wait after drafts keep failing
+
+
+def schedule(draft_len: int, backoff: int, accepted: int, proposed: int, max_len: int) -> tuple[int, int, int]:
+    """The next (draft length, steps to wait before drafting again, next wait) after a verified
+    draft of ``proposed`` tokens of which ``accepted`` were kept.
+
+    The draft length follows transformers' schedule for assistant models: +2 after a fully
+    accepted draft, -1 otherwise. Beyond it, a draft rejected at its first token starts a wait
+    that doubles while that repeats (1, 2, 4 ... MAX_PAUSE plain steps), and any accepted token
+    ends it: where the model does not follow the text (measured: the trained starcoder2-nano
+    re-emits a file for 0-2 tokens), each verification costs more than a plain step and brings
+    one token, so it stops paying for them; the tokens are the same either way."""
+    if accepted >= proposed:
+        return min(max_len, draft_len + 2), 0, 1
+    if accepted == 0:
+        return max(1, draft_len - 1), backoff, min(2 * backoff, MAX_PAUSE)
+    return max(1, draft_len - 1), 0, 1
+
+
 def residual_sample(probs: np.ndarray, draft: int, rng: np.random.Generator) -> int:
     """A draw from max(p - q, 0) normalised, q the point mass on ``draft``: p without ``draft``."""
     p = probs.astype(np.float64, copy=True)
