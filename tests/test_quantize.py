@@ -393,7 +393,7 @@ def test_int8_gemm_weights_are_the_4bit_weights_on_one_grid_per_column(symmetric
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from quantize.int8_gemm import uint8_weights
+    from starlift.quantize.int8_gemm import uint8_weights
 
     n = 48
     w = np.random.default_rng(k).standard_normal((k, n)).astype(np.float32)
