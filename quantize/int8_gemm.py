@@ -38,6 +38,7 @@ onnxruntime.quantization quantizes float weights.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,10 @@ def uint8_weights(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     return np.ascontiguousarray(u8.T), column.astype(np.float32)
 
 
-def write_gemm_graph(folder: Path, head_nodes: set[str] | None = None) -> int:
-    """``folder/int8_gemm.onnx`` and its ``int8_gemm.onnx.data`` from ``folder/model.onnx``;
-    returns the number of integer GEMMs (0: nothing written)."""
+def write_gemm_graph(folder: Path, is_head: Callable[[str], bool] = lambda name: False) -> int:
+    """``folder/int8_gemm.onnx`` and its ``int8_gemm.onnx.data`` from ``folder/model.onnx``, every
+    4-bit MatMulNBits but those ``is_head`` names (a 4-bit LM head stays: a prompt runs it on one
+    row); returns the number of integer GEMMs (0: nothing written)."""
     import onnx
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import set_external_data
@@ -86,14 +88,14 @@ def write_gemm_graph(folder: Path, head_nodes: set[str] | None = None) -> int:
 
     folder = Path(folder)
     model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
-    graph, head_nodes = model.graph, head_nodes or set()
+    graph = model.graph
     inits = {i.name: i for i in graph.initializer}
 
     def attrs(node):
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
     targets = [n for n in graph.node if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"
-               and attrs(n).get("bits") == 4 and n.name not in head_nodes
+               and attrs(n).get("bits") == 4 and not is_head(n.name)
                and all(i in inits for i in n.input[1:4] if i)
                and (len(n.input) < 6 or not n.input[5])]  # no bias input (starlift's graphs add it apart)
     if not targets:
@@ -106,9 +108,9 @@ def write_gemm_graph(folder: Path, head_nodes: set[str] | None = None) -> int:
     with open(tmp, "wb") as data:
         for node in targets:
             a = attrs(node)
-            tensors = [numpy_helper.to_array(inits[i], base_dir=str(folder)) if i else None
-                       for i in list(node.input[1:4]) + [""] * (4 - len(node.input))][:3]
-            wq, scale = uint8_weights(tensors[0], tensors[1], tensors[2], a["K"], a["block_size"])
+            packed, scales, zero_points = (numpy_helper.to_array(inits[i], base_dir=str(folder)) if i else None
+                                           for i in [*node.input[1:4], ""][:3])
+            wq, scale = uint8_weights(packed, scales, zero_points, a["K"], a["block_size"])
             names = []
             for suffix, array in (("_u8", wq), ("_u8_scale", scale)):
                 tensor = numpy_helper.from_array(array, node.input[1] + suffix)

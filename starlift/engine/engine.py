@@ -680,7 +680,7 @@ class Engine:
             drops[request] = fed[i] - (j + 1)
             if draft:
                 request.draft_len, request.draft_pause, request.draft_backoff = schedule(
-                    request.draft_len, request.draft_backoff, min(j, len(draft)), len(draft),
+                    request.draft_len, request.draft_backoff, j, len(draft),
                     request.params.draft_tokens)
         cache.rollback(drops)
 
