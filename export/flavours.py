@@ -47,10 +47,11 @@ def check_portable(model: ir.Model) -> None:
 def to_ort(model: ir.Model, config) -> tuple[ir.Model, dict[str, int]]:
     """GroupQueryAttention (our rule, see gqa.py), onnxscript's ORT fusions, then RotaryEmbedding
     (our rule, see rotary.py; after the optimizer so that its constant folding does not write
-    the angle caches into the file); returns the model and the non-zero fusion counts."""
+    the angle caches into the file), then each attention's fast path for prompts without padding
+    (gqa.py); returns the model and the non-zero fusion counts."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    from .gqa import fuse_group_query_attention
+    from .gqa import add_prompt_fast_path, fuse_group_query_attention
     from .rotary import fuse_rotary_embedding
 
     gqa = fuse_group_query_attention(model, config)
@@ -65,6 +66,8 @@ def to_ort(model: ir.Model, config) -> tuple[ir.Model, dict[str, int]]:
     # report what the graph holds
     counts["rotary_embedding"] = fuse_rotary_embedding(model, config)
     check_fully_fused(model, config.num_hidden_layers)
+    # last: the rules above match GroupQueryAttention and its inputs in the main graph
+    counts["attention_fast_path"] = add_prompt_fast_path(model, config)
     return model, {k: v for k, v in counts.items() if v}
 
 

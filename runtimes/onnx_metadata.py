@@ -53,4 +53,16 @@ def has_group_query_attention(model_path: Path) -> bool:
     except ImportError:
         return False
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return any(n.op_type == "GroupQueryAttention" for n in graph.node)
+    return any(n.op_type == "GroupQueryAttention" for n in all_nodes(graph))
+
+
+def all_nodes(graph):
+    """Every node of an ONNX graph, those of its If branches included (the ort flavour runs each
+    layer's attention inside an If: the prompt fast path, export/gqa.py)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from all_nodes(attribute.g)
+            for sub in attribute.graphs:
+                yield from all_nodes(sub)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -299,16 +300,51 @@ def test_failed_validation_removes_artifact(tmp_path, varied_checkpoint, monkeyp
     assert not (tmp_path / "strict").exists() and _no_litter(tmp_path)
 
 
+def test_attention_fast_path_runs_where_no_row_is_padded(exported):
+    """The If picks the kernel without the bias and the window for an unpadded prompt within the
+    window (seen in ORT's profile), the full kernel for a left-padded batch and past the window;
+    a row gets the same logits either way."""
+    from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    out = exported("ort")
+    ids, mask = padded_ids([12, 7], 99, seed=3)
+    with OnnxRuntimeRunner(out / "model.onnx", profile=True) as runner:
+        alone = runner.single_batch(1).forward(ids[1:, 5:], mask[1:, 5:], np.arange(7)[None])
+        padded = runner.single_batch(2).forward(ids, mask, np.maximum(np.cumsum(mask, 1) - 1, 0))
+        past = runner.single_batch(1)  # 20 positions: past the window of 16
+        past.forward(ids[:1], mask[:1], np.arange(12)[None])
+        past.forward(ids[:1, :8], np.ones((1, 20), np.int64), np.arange(12, 20)[None])
+        trace = json.loads(Path(runner.end_profiling()).read_text())
+    ran = [e["name"] for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    attention = [n.removesuffix("_kernel_time") for n in ran if "GroupQueryAttention" in n]
+    fast = [n for n in attention if n.endswith("_no_padding")]
+    full = [n for n in attention if not n.endswith(("_no_padding", "_if"))]
+    # fast: the prompt alone, the first 12 positions; full: the padded batch, the step past the window
+    assert len(fast) == 2 * LAYERS and len(full) == 2 * LAYERS, ran
+    np.testing.assert_allclose(alone[0], padded[1, -7:], atol=1e-4)
+
+
 def test_ort_flavour_uses_group_query_attention_with_the_window(exported):
     out = exported("ort")
     manifest = verify(out)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == LAYERS and manifest["fusions"]["group_query_attention"] == LAYERS
+    # each layer's attention is an If: a kernel without the padding bias and the window for
+    # prompts that need neither (then), the full one otherwise (else)
+    branches = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(branches) == LAYERS and manifest["fusions"]["attention_fast_path"] == LAYERS
+    assert {n.input[0] for n in branches} == {"attention_fast_path"}
+    sub = {a.name: a.g for a in branches[0].attribute}
+    fast, gqa = ([n for n in sub[b].node if n.op_type == "GroupQueryAttention"] for b in ("then_branch", "else_branch"))
+    assert len(fast) == len(gqa) == 1 and manifest["fusions"]["group_query_attention"] == LAYERS
+    assert [n.op_type for n in sub["else_branch"].node] == ["Expand", "GroupQueryAttention"]  # bias built here only
+    gqa = [next(n for n in {a.name: a.g for a in b.attribute}["else_branch"].node if n.op_type == "GroupQueryAttention")
+           for b in branches]
     assert manifest["kv_cache"]["shared_buffer"] is True and manifest["kv_cache"]["per_row_lengths"] is True
     assert {p.key: p.value for p in model.metadata_props}["starlift.kv_cache.per_row_lengths"] == "true"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["local_window_size"] == 16 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    fast_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in fast[0].attribute}
+    assert fast_attrs == {**attrs, "local_window_size": -1} and len(fast[0].input) == 7  # no bias input
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]  # the attention really was replaced
     # RoPE: one RotaryEmbedding per q and per k, fed by the projections; no rotate-half left
     rope = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
@@ -318,6 +354,7 @@ def test_ort_flavour_uses_group_query_attention_with_the_window(exported):
                 and not n.name.startswith("/model/logits_to_keep/")]  # its Neg makes the slice start
     producer = {o: n for n in model.graph.node for o in n.output}  # values go in as projected: no reshapes
     assert {producer[g.input[2]].op_type for g in gqa} <= {"Add", "MatMul"}
+    assert not [n for n in model.graph.node if n.op_type == "Expand"]  # no bias built outside the else branch
     from starlift.runtimes.onnxruntime_runner import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(out / "model.onnx") as runner:  # a case ORT's kernel cannot do: a clear error

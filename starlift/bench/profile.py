@@ -54,6 +54,11 @@ def _greedy(runner, prompt, steps: int) -> tuple[float, float, int, int]:
     return wall, inside, len(full), runs_before
 
 
+# an If's time is its branch's nodes' time, which the trace records on their own (the ort
+# flavour's attention runs inside one): counted once, under the nodes that did the work
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
 def _kernels(trace_path: str, runs_to_skip: int, runs: int) -> tuple[dict[str, float], float, int]:
     """Kernel microseconds by op type and total run microseconds over ``runs`` model runs after
     the first ``runs_to_skip`` (prefill chunks and the ramp up), from ORT's trace."""
@@ -67,7 +72,9 @@ def _kernels(trace_path: str, runs_to_skip: int, runs: int) -> tuple[dict[str, f
     by_op: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and start <= e["ts"] <= end:
-            by_op[e.get("args", {}).get("op_name", "?")] += e["dur"]
+            op = e.get("args", {}).get("op_name", "?")
+            if op not in CONTROL_FLOW:
+                by_op[op] += e["dur"]
     return dict(by_op), float(sum(r["dur"] for r in kept)), len(kept)
 
 

@@ -24,6 +24,10 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # the attention mask (seqlens_k = index of the last 1 per row): "true" lets a runner keep many
 # sequences of different lengths in one shared, right-padded buffer (ONNX Runtime's slot pool)
 PER_ROW_LENGTHS_KEY = "starlift.kv_cache.per_row_lengths"
+# The ort flavour runs each layer's attention in an If on this boolean value (export/gqa.py): the
+# kernel without the padding bias and the sliding window where no row needs them, the full one
+# otherwise
+FAST_PATH_CONDITION = "attention_fast_path"
 # A 4-bit artifact's optional second graph for wide steps (``starlift quantize --int8-gemm``,
 # quantize/int8_gemm.py): the same decoder contract, its matmuls on the integer GEMM, its weights
 # read from model.onnx.data. Its metadata names the steps a runner sends to it: a row's step of at
