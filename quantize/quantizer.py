@@ -485,6 +485,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                              manifest.get("opset"))
                 # where the residual stream lives now (the quantizers keep the names; the map says so)
                 tmap = None if classifier else tensor_map.resolve_onnx(model, config["num_hidden_layers"])
+                _sort_nodes(model.graph)
                 onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True,
                                 all_tensors_to_one_file=True, location=MODEL_FILE + ".data", size_threshold=1024)
                 del model
@@ -825,3 +826,45 @@ def measure_head_quality(reference: Path, candidate: Path, tokenizer, config: di
     values.update({"task": info.task, "samples": len(cases), "tokens": int(sum(map(len, cases))), "text": described,
                    "gate": {k: {"direction": d, "bound": b} for k, (d, b) in heads.TOLERANCES[mode].items()}})
     return values
+
+
+def _sort_nodes(graph) -> None:
+    """Order ``graph``'s nodes so each comes after the producers of what it reads, the values its
+    If branches read from this graph included. onnxruntime.quantization's topological sort looks
+    at node inputs only, so it can put the ort flavour's attention If (export/gqa.py), whose only
+    input is its condition, before the projections its branches read: an invalid graph. Stable:
+    an already valid order is kept as it is."""
+    def reads(node) -> set[str]:
+        names = set(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input} \
+                    | {t.name for t in sub.initializer}
+                names |= {name for n in sub.node for name in reads(n)} - inner
+        return names - {""}
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    needs = [{producer[name] for name in reads(n) if name in producer} for n in nodes]
+    done: set[int] = set()
+    order: list[int] = []
+
+    def place(i: int) -> None:  # depth first over producers; iterative so deep graphs do not recurse
+        stack = [(i, iter(sorted(needs[i])))]
+        while stack:
+            j, pending = stack[-1]
+            nxt = next((k for k in pending if k not in done), None)
+            if nxt is None:
+                stack.pop()
+                if j not in done:
+                    done.add(j)
+                    order.append(j)
+            elif all(nxt != s for s, _ in stack):
+                stack.append((nxt, iter(sorted(needs[nxt]))))
+
+    for i in range(len(nodes)):
+        place(i)
+    if order != list(range(len(nodes))):
+        graph.ClearField("node")
+        graph.node.extend(nodes[i] for i in order)
+
