@@ -105,8 +105,11 @@ def drop_window(src: Path, dst: Path, layer: int) -> Path:
     _copy(src, dst)
     model = onnx.load(str(dst / "model.onnx"), load_external_data=False)
     graph = model.graph
-    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    if gqa:  # ort flavour: the window is an attribute of each layer's GroupQueryAttention
+    # ort flavour: the window is an attribute of each layer's GroupQueryAttention, in the full
+    # branch of the layer's If (the fast branch runs only where the window cannot bind)
+    gqa = [n for b in graph.node if b.op_type == "If" for a in b.attribute if a.name == "else_branch"
+           for n in a.g.node if n.op_type == "GroupQueryAttention"]
+    if gqa:
         node = next(n for n in gqa if n.input[3] == f"past_key_values.{layer}.key")
         next(a for a in node.attribute if a.name == "local_window_size").i = -1
     else:  # portable: all layers share one mask; give this layer a copy built from the causal part alone

@@ -26,6 +26,10 @@ along the residual stream, is the ordering the map gives, so it is written here.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,13 +129,14 @@ class _Marked:
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(str(model_path))
-        model.add_outputs([n for n in self.names if n != "logits"])
-        try:
-            self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        except RuntimeError as e:
-            raise StarliftError(f"OpenVINO cannot compile {model_path} ({str(e).strip().splitlines()[0]}); "
-                                "localize it on onnxruntime") from e
+        with _without_fast_path(model_path) as path:
+            model = core.read_model(str(path))
+            model.add_outputs([n for n in self.names if n != "logits"])
+            try:
+                self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            except RuntimeError as e:
+                raise StarliftError(f"OpenVINO cannot compile {model_path} ({str(e).strip().splitlines()[0]}); "
+                                    "localize it on onnxruntime") from e
         self.request = self.compiled.create_infer_request()
         kv = next(p for p in model.inputs if p.get_any_name().startswith("past_key_values."))
         self.kv_dtype = {"f32": np.float32, "f16": np.float16}.get(kv.get_element_type().get_type_name())
@@ -145,6 +150,47 @@ class _Marked:
             self.request.infer(feed)
             out = [np.array(self.request.get_tensor(n).data) for n in self.names]
         return [np.asarray(o, dtype=np.float32) for o in out]
+
+
+@contextlib.contextmanager
+def _without_fast_path(model_path: Path):
+    """The ort flavour's graph with each attention's If (export/gqa.py) replaced by its full
+    branch, for OpenVINO: OpenVINO 2026.4 computes wrong values (NaN) for a SkipLayerNormalization
+    residual output marked as an extra output when an If sits upstream, even with two identical
+    branches (measured on the tiny test shape); the graph as it is runs right. The copy goes to a
+    temporary folder beside a hard link to the weights (a copy where the filesystem refuses one:
+    OpenVINO reads external data from the model's own folder only)."""
+    require("onnx", purpose="localization of an ort-flavour graph on openvino")
+    import onnx
+
+    from starlift.core.artifact import FAST_PATH_CONDITION
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    if not any(n.op_type == "If" and n.input[0] == FAST_PATH_CONDITION for n in graph.node):
+        yield model_path
+        return
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "If" or node.input[0] != FAST_PATH_CONDITION:
+            nodes.append(node)
+            continue
+        full = next(a.g for a in node.attribute if a.name == "else_branch")
+        rename = dict(zip((o.name for o in full.output), node.output, strict=True))
+        for inner in full.node:
+            inner.output[:] = [rename.get(o, o) for o in inner.output]
+            nodes.append(inner)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    files = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    with tempfile.TemporaryDirectory(prefix="starlift-localize-") as tmp:
+        for name in files:
+            try:
+                os.link(model_path.parent / name, Path(tmp) / name)
+            except OSError:
+                shutil.copyfile(model_path.parent / name, Path(tmp) / name)
+        onnx.save(model, str(Path(tmp) / model_path.name))
+        yield Path(tmp) / model_path.name
 
 
 def _feeds(probe: Probe, past: list[tuple[np.ndarray, np.ndarray]], kv_dtype, layers: int, kv_heads: int,
