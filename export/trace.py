@@ -130,7 +130,9 @@ def add_logits_to_keep(model: ir.Model) -> None:
     start = ir.node("Reshape", [neg.outputs[0], one], name=f"{prefix}/Start")
     sliced = ir.node("Slice", [hidden, start.outputs[0], end, axis], name=f"{prefix}/Slice")
     users = [(user, index) for user, index in hidden.uses() if user is not sliced]
-    graph.insert_after(norm, [neg, start, sliced])
+    # the start first: the slices hoist_kept_positions puts into the last layer read it
+    graph.insert_before(next(iter(graph)), [neg, start])
+    graph.insert_after(norm, [sliced])
     out = sliced.outputs[0]
     out.name, out.dtype = "hidden_kept", hidden.dtype
     if hidden.shape is not None:
@@ -140,6 +142,97 @@ def add_logits_to_keep(model: ir.Model) -> None:
     logits = next(v for v in graph.outputs if v.name == "logits")
     if logits.shape is not None:
         logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("kept"), *logits.shape[2:]])
+    hoist_kept_positions(model, sliced)
+
+
+# Ops that compute each position from that position alone (the last axis is the feature axis):
+# a slice along the sequence axis commutes with them. MatMul only with a 2-D weight.
+ROW_WISE = frozenset({"LayerNormalization", "Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf", "Sqrt", "Gelu",
+                      "Relu", "Sigmoid", "Cast", "MatMul"})
+
+
+def hoist_kept_positions(model: ir.Model, sliced: ir.Node) -> int:
+    """Move the ``logits_to_keep`` slice up through the last layer, as far as row-wise ops go.
+
+    The final norm, the last layer's MLP, its output projection and both residual adds then run on
+    the kept positions only; the layer's norm, its q/k/v projections and attention still run on
+    every position (the KV cache needs every key and value). With one kept position that is 7% less
+    matmul work for a 113M-shaped prompt (5.3 of 6.3 MFLOP per token in the last of 12 layers).
+    ``logits_to_keep = 0`` keeps every position, so the values (the tensor map's taps of the last
+    layer included) are what they were. A value is sliced in place of its producer's output only
+    when every use of it is this slice, so nothing another consumer reads changes. Returns how many
+    nodes now run on the kept positions. (Hand-written: no onnxscript rewriter rule moves a Slice.)
+    """
+    graph = model.graph
+    start, end, axis = sliced.inputs[1], sliced.inputs[2], sliced.inputs[3]
+
+    def ours(node: ir.Node) -> bool:
+        return node.op_type == "Slice" and list(node.inputs[1:4]) == [start, end, axis]
+
+    def constant(value: ir.Value) -> bool:
+        producer = value.producer()
+        return value.const_value is not None or value.is_initializer() or (
+            producer is not None and producer.op_type == "Constant")
+
+    def rank(value: ir.Value) -> int | None:
+        if value.shape is not None:
+            return len(value.shape)
+        tensor = value.const_value
+        if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+            attribute = value.producer().attributes.get("value")
+            tensor = attribute.value if attribute is not None else None
+        return None if tensor is None else len(tensor.shape)
+
+    def positional(value: ir.Value | None) -> bool:
+        # an activation: [batch, positions, features] (the traced values may carry no shape; a
+        # known one must agree), anything constant broadcasts over the positions
+        return value is not None and not constant(value) and (value.shape is None or len(value.shape) == 3)
+
+    moved, changed = 0, True
+    while changed:
+        changed = False
+        for node in [n for n in graph if ours(n)]:
+            x = node.inputs[0]
+            producer = x.producer()
+            uses = [user for user, _ in x.uses()]
+            if (producer is None or producer.op_type not in ROW_WISE or len(producer.outputs) != 1
+                    or x.is_graph_output() or not positional(x) or not all(ours(u) for u in uses)):
+                continue
+            if producer.op_type == "LayerNormalization" and producer.attributes.get_int("axis", -1) not in (-1, 2):
+                continue
+            along = [i for i, v in enumerate(producer.inputs) if positional(v)]
+            others = [v for i, v in enumerate(producer.inputs) if i not in along and v is not None]
+            if not along:
+                continue
+            if producer.op_type in ("MatMul", "LayerNormalization") and along != [0]:
+                continue
+            if producer.op_type == "MatMul" and rank(others[0]) != 2:
+                continue
+            if producer.op_type not in ("MatMul", "LayerNormalization") and any(
+                    rank(v) is None or rank(v) > 1 for v in others):  # must broadcast over positions
+                continue
+            for i in along:
+                inner = producer.inputs[i]
+                cut = ir.node("Slice", [inner, start, end, axis], name=f"{producer.name or 'node'}/kept_{i}")
+                if inner.dtype is not None:
+                    cut.outputs[0].dtype = inner.dtype
+                if inner.shape is not None:
+                    cut.outputs[0].shape = ir.Shape([inner.shape[0], ir.SymbolicDim("kept"), inner.shape[2]])
+                graph.insert_before(producer, cut)
+                producer.replace_input_with(i, cut.outputs[0])
+            if x.shape is not None:
+                x.shape = ir.Shape([x.shape[0], ir.SymbolicDim("kept"), x.shape[2]])
+            for user in uses:  # x is the kept positions now: the slices after it go
+                out = user.outputs[0]
+                name = out.name if out.name == "hidden_kept" else None
+                out.replace_all_uses_with(x, replace_graph_outputs=True)
+                graph.remove(user, safe=True)
+                if name and not x.name:
+                    x.name = name
+            moved += 1
+            changed = True
+            break  # the slices just removed were in this pass's list
+    return moved
 
 
 def _drop_taps_from_outputs(model: ir.Model, taps: list[str]) -> None:

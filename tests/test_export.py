@@ -139,6 +139,12 @@ def test_logits_to_keep_equals_the_full_logits_last_positions(artifact, hf):
                      position_ids=torch.from_numpy(pos)).logits.numpy()[:, -3:]
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     assert "logits_to_keep" in [i.name for i in graph.input]  # in the graph, not only cut by the runner
+    # the slice sits inside the last layer (export/trace.py hoists it): the output projection and
+    # the MLP run on the kept positions, the residual stream is cut where the layer adds to it
+    starts = {o for n in graph.node if n.name == "/model/logits_to_keep/Start" for o in n.output}
+    kept = [n for n in graph.node if n.op_type == "Slice" and n.input[1] in starts]
+    readers = {n.op_type for n in graph.node for k in kept if k.output[0] in n.input}
+    assert len(kept) == 2 and "MatMul" in readers, (len(kept), readers)
     portable = json.loads((artifact / "manifest.json").read_text())["flavour"] == "portable"
     backends = ["onnxruntime"] + (["openvino"] if portable and _has("openvino") else [])
     for backend in backends:

@@ -19,6 +19,7 @@ from starlift.export import export_checkpoint
 from starlift.model import Starcoder2Config, bundled_checkpoints, last_non_pad_index, load_checkpoint
 from starlift.quantize import quantize_artifact
 from starlift.runtimes.classifiers import create_classifier
+from starlift.runtimes.onnx_metadata import all_nodes
 from tests.conftest import TINY, TINY_VARIANTS
 
 TOL = 1e-4
@@ -302,7 +303,7 @@ def test_quantized_classifier_keeps_its_head_and_is_judged_on_labels(tmp_path, h
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False).graph
     kept = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] == "score.weight.T"]
     assert len(kept) == 1  # the head stays a float MatMul; the body's MatMuls are 8-bit
-    assert {n.op_type for n in graph.node} >= {"MatMulNBits", "GroupQueryAttention"}
+    assert {n.op_type for n in all_nodes(graph)} >= {"MatMulNBits", "GroupQueryAttention"}
     manifest = quantize_artifact(src, tmp_path / "int4", mode="int4", head_bits=8,
                                                    allow_quality_loss=True, progress=False)
     graph = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph

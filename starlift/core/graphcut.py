@@ -51,15 +51,32 @@ def cut_layers(model: ir.Model, layers: int) -> ir.Model:
     own = (2, 3) if cut.op_type.startswith("Skip") else (1, 2)
     if len(final.inputs) < len(cut.inputs):
         final.resize_inputs(len(cut.inputs))
+    # export/trace.py moves the logits_to_keep slice into the last layer, which the cut drops:
+    # the final norm's new activations go through the same slice
+    kept = next((n for n in graph if n.op_type == "Slice" and n.inputs[1] is not None
+                 and n.inputs[1].producer() is not None
+                 and n.inputs[1].producer().name == "/model/logits_to_keep/Start"), None)
     for i in range(len(cut.inputs)):
         if i not in own:
-            final.replace_input_with(i, cut.inputs[i])
+            final.replace_input_with(i, _kept(graph, kept, cut.inputs[i], final))
     keep = {f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")}
     outputs = [v for v in graph.outputs if not v.name.startswith("present.") or v.name in keep]
     graph.outputs.clear()
     graph.outputs.extend(outputs)
     _remove_dead(graph)
     return model
+
+
+def _kept(graph: ir.Graph, kept: ir.Node | None, value: ir.Value | None, before: ir.Node) -> ir.Value | None:
+    """``value`` through a copy of the ``kept`` slice when it is an activation, else as it is."""
+    import onnx_ir as ir
+
+    if kept is None or value is None or value.const_value is not None or value.is_initializer():
+        return value
+    node = ir.node("Slice", [value, *kept.inputs[1:]], name=f"/model/logits_to_keep/cut/{value.name}")
+    node.outputs[0].dtype = value.dtype
+    graph.insert_before(before, node)
+    return node.outputs[0]
 
 
 def _remove_dead(graph: ir.Graph) -> None:
@@ -73,12 +90,17 @@ def _remove_dead(graph: ir.Graph) -> None:
         for value in node.inputs:
             if value is not None and value.producer() is not None:
                 todo.append(value.producer())
-        for sub in node.attributes.values():  # subgraphs read outer values too (none here; be safe)
+        for sub in node.attributes.values():  # subgraphs read outer values too (the ort flavour's attention Ifs)
             if sub.type.name == "GRAPH":
                 for inner in sub.value.all_nodes():
                     todo.extend(v.producer() for v in inner.inputs if v is not None and v.producer() is not None)
     for node in reversed(list(graph)):
         if id(node) not in live:
+            for sub in node.attributes.values():  # its branches' nodes read outer values: let go first
+                if sub.type.name == "GRAPH":
+                    for inner in sub.value.all_nodes():
+                        for i in range(len(inner.inputs)):
+                            inner.replace_input_with(i, None)
             graph.remove(node, safe=True)
     used = {id(v) for n in graph.all_nodes() for v in n.inputs if v is not None} | {id(v) for v in graph.outputs}
     inputs = [v for v in graph.inputs if id(v) in used or v.name in ("input_ids", "attention_mask", "position_ids")]
