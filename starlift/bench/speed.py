@@ -94,7 +94,8 @@ def run_decode(engine, batch: int, prompt_len: int, new_tokens: int) -> dict[str
     """One timed generation through the engine, the loop every starlift API runs: ``batch``
     requests with prompts of ``prompt_len`` tokens submitted at once, greedy, EOS ignored.
     TTFT is the first request's; decode tokens/s counts the tokens made while every request
-    was decoding (from the last one's first token to the first one's last)."""
+    was decoding (from the last one's first token to the first one's last), or over the whole span
+    when they never decoded together."""
     from starlift.engine import SamplingParams
 
     ids = _prompt(engine.vocab_size, batch, prompt_len)
@@ -108,6 +109,9 @@ def run_decode(engine, batch: int, prompt_len: int, new_tokens: int) -> dict[str
             raise handle.error
     start, end = max(t[0] for t in times), min(t[-1] for t in times)
     tokens = sum(1 for t in times for x in t if start < x <= end)
+    if not tokens:  # the requests never decoded together (a tiny model, a few tokens): the whole span's rate
+        tokens = sum(len(t) - 1 for t in times)
+        start, end = min(t[0] for t in times), max(t[-1] for t in times)
     return {"ttft_s": times[0][0] - t0, "decode_tokens_per_s": tokens / (end - start)}
 
 
