@@ -270,3 +270,15 @@ def test_decode_read_bytes_counts_what_a_step_reads(tmp_path, tied):
     small = 64 << 10  # initializers stored inside model.onnx (shape constants) and alignment
     expected = files if tied else files - table
     assert expected - small <= read <= expected
+
+
+def test_batch_decode_rate_when_requests_never_decode_together(art):
+    """An engine that runs one request at a time: the batch's requests never decode together, and
+    the rate is the whole span's (it was 0, and bench-serve divided by it)."""
+    from starlift.bench.speed import run_decode
+    from starlift.engine import Engine
+    from starlift.runtimes import create_runner
+
+    with create_runner("onnxruntime", art) as runner, Engine(runner, max_batch=1) as engine:
+        result = run_decode(engine, batch=2, prompt_len=4, new_tokens=4)
+    assert 0 < result["decode_tokens_per_s"] < float("inf")
