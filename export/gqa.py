@@ -164,37 +164,28 @@ def add_prompt_fast_path(model: ir.Model, config: Starcoder2Config) -> int:
     if any(n.inputs[5] is not seqlens for n in nodes):
         raise ValueError("the GroupQueryAttention nodes read different seqlens_k: not the graph gqa.py writes")
 
-    def const(value, dtype):
-        node = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(np.array(value, dtype)))])
-        node.outputs[0].name = f"{FAST_PATH_CONDITION}_{len(made)}"
-        return node, node.outputs[0]
-
     made: list[ir.Node] = []
 
     def add(op_type, inputs, **attributes):
-        node = ir.Node("", op_type, inputs, [_attr(k, v) for k, v in attributes.items()])
+        node = ir.node(op_type, inputs, attributes=attributes)
         node.outputs[0].name = f"{FAST_PATH_CONDITION}_{len(made)}"
         made.append(node)
         return node.outputs[0]
 
-    one_node, one = const(1, np.int64)
-    made.append(one_node)
-    axis_node, axis = const([1], np.int64)
-    made.append(axis_node)
+    def const(value):
+        return add("Constant", [], value=ir.tensor(np.array(value, np.int64)))
+
     last = add("Cast", [seqlens], to=ir.DataType.INT64)
-    ones_per_row = add("ReduceSum", [mask, axis], keepdims=0)
-    holes = add("ReduceSum", [add("Sub", [add("Add", [last, one]), ones_per_row])], keepdims=0)
-    zero_node, zero = const(0, np.int64)
-    made.append(zero_node)
-    cond = add("Equal", [holes, zero])
+    ones_per_row = add("ReduceSum", [mask, const([1])], keepdims=0)
+    holes = add("ReduceSum", [add("Sub", [add("Add", [last, const(1)]), ones_per_row])], keepdims=0)
+    cond = add("Equal", [holes, const(0)])
     window = config.sliding_window
     if window:
-        window_node, window_value = const(window, np.int64)
-        made.append(window_node)
-        cond = add("And", [cond, add("Less", [add("ReduceMax", [last], keepdims=0), window_value])])
+        cond = add("And", [cond, add("Less", [add("ReduceMax", [last], keepdims=0), const(window)])])
     cond.name = FAST_PATH_CONDITION
     graph.insert_before(nodes[0], made)
 
+    moved: set[ir.Node] = set()  # the bias Expands copied into the else-branches
     for node in nodes:
         inputs = list(node.inputs)
         attributes = {k: v for k, v in node.attributes.items()}
@@ -206,6 +197,7 @@ def add_prompt_fast_path(model: ir.Model, config: Starcoder2Config) -> int:
         bias = inputs[10] if len(inputs) > 10 else None
         if bias is not None and bias.producer() is not None and bias.producer().op_type == "Expand":
             # build the [batch, 1, new, total] bias only on the path that reads it
+            moved.add(bias.producer())
             expand = ir.Node("", "Expand", list(bias.producer().inputs), num_outputs=1)
             full_nodes.append(expand)
             inputs[10] = expand.outputs[0]
@@ -228,14 +220,6 @@ def add_prompt_fast_path(model: ir.Model, config: Starcoder2Config) -> int:
             old.replace_all_uses_with(new, replace_graph_outputs=True)
             new.name = name
         graph.remove(node, safe=True)
-    # the Expands the branches copied are dead in the main graph now
-    for node in reversed(list(graph)):
-        if node.op_type == "Expand" and not any(v.uses() or v.is_graph_output() for v in node.outputs):
-            graph.remove(node, safe=True)
+    # the branches build the bias now: the copied Expands go where nothing else reads them
+    graph.remove([n for n in moved if not any(v.uses() or v.is_graph_output() for v in n.outputs)], safe=True)
     return len(nodes)
-
-
-def _attr(name: str, value) -> ir.Attr:
-    if isinstance(value, ir.DataType):
-        return ir.AttrInt64(name, int(value))
-    return ir.AttrInt64(name, value)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from starlift.core import tensor_map
-from starlift.core.artifact import LOGITS_TO_KEEP, past_names, present_names
+from starlift.core.artifact import LOGITS_TO_KEEP, LOGITS_TO_KEEP_START, past_names, present_names
 from starlift.model import Starcoder2
 from starlift.model.taps import residual_stream
 
@@ -127,7 +127,7 @@ def add_logits_to_keep(model: ir.Model) -> None:
     for value in (one, end, axis):
         graph.register_initializer(value)
     neg = ir.node("Neg", [keep], name=f"{prefix}/Neg")
-    start = ir.node("Reshape", [neg.outputs[0], one], name=f"{prefix}/Start")
+    start = ir.node("Reshape", [neg.outputs[0], one], name=LOGITS_TO_KEEP_START)
     sliced = ir.node("Slice", [hidden, start.outputs[0], end, axis], name=f"{prefix}/Slice")
     users = [(user, index) for user, index in hidden.uses() if user is not sliced]
     # the start first: the slices hoist_kept_positions puts into the last layer read it

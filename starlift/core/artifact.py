@@ -24,6 +24,9 @@ LOGITS_TO_KEEP = "logits_to_keep"
 # the attention mask (seqlens_k = index of the last 1 per row): "true" lets a runner keep many
 # sequences of different lengths in one shared, right-padded buffer (ONNX Runtime's slot pool)
 PER_ROW_LENGTHS_KEY = "starlift.kv_cache.per_row_lengths"
+# The node of the decoder graph that turns logits_to_keep into the start of the positions kept
+# (export/trace.py); every Slice that keeps those positions reads its output
+LOGITS_TO_KEEP_START = "/model/logits_to_keep/Start"
 # The ort flavour runs each layer's attention in an If on this boolean value (export/gqa.py): the
 # kernel without the padding bias and the sliding window where no row needs them, the full one
 # otherwise

@@ -27,6 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from starlift.core.artifact import LOGITS_TO_KEEP_START
+
 if TYPE_CHECKING:  # onnx_ir comes with the export/quantize extras, not the core install
     import onnx_ir as ir
 
@@ -55,7 +57,7 @@ def cut_layers(model: ir.Model, layers: int) -> ir.Model:
     # the final norm's new activations go through the same slice
     kept = next((n for n in graph if n.op_type == "Slice" and n.inputs[1] is not None
                  and n.inputs[1].producer() is not None
-                 and n.inputs[1].producer().name == "/model/logits_to_keep/Start"), None)
+                 and n.inputs[1].producer().name == LOGITS_TO_KEEP_START), None)
     for i in range(len(cut.inputs)):
         if i not in own:
             final.replace_input_with(i, _kept(graph, kept, cut.inputs[i], final))
@@ -73,7 +75,7 @@ def _kept(graph: ir.Graph, kept: ir.Node | None, value: ir.Value | None, before:
 
     if kept is None or value is None or value.const_value is not None or value.is_initializer():
         return value
-    node = ir.node("Slice", [value, *kept.inputs[1:]], name=f"/model/logits_to_keep/cut/{value.name}")
+    node = ir.node("Slice", [value, *kept.inputs[1:]], name=f"{LOGITS_TO_KEEP_START}/cut/{value.name}")
     node.outputs[0].dtype = value.dtype
     graph.insert_before(before, node)
     return node.outputs[0]
