@@ -140,7 +140,7 @@ def fuse_group_query_attention(model: ir.Model, config: Starcoder2Config) -> int
 # row has a hole before its last token and no row is longer than the window, which is every
 # prompt and step the engine and the concat runners feed (they pad on the right, or not at all).
 # On this machine, one GroupQueryAttention of a 4,096-token prompt (113M shape, 2 threads): 477 ms
-# with the bias and the window, 365 ms without; the whole prefill 11.9 -> 9.7 s.
+# with the bias and the window, 365 ms without; the whole fp32 prefill 11.5 -> 10.1 s (latency.md, section 7).
 # ONNX has no optional input chosen at run time, so each layer's attention becomes an If: the
 # then-branch is the same kernel without the bias and the window, the else-branch the full one
 # (with the bias's Expand moved inside it, so the fast path never builds the bias).
