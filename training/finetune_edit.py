@@ -224,13 +224,17 @@ def main():
     requests = edit_requests(base, args.edit_tokens)
     pairs = heldout_pairs(tok, [f["text"] for f in held])
 
+    def measure(model, when: str) -> dict:
+        model.eval()
+        with torch.no_grad():
+            m = {"val_loss": tn.lm_loss(model, val_batch, "fp32").item(), "copy_top1": copy_top1(model, pairs),
+                 "follows": follows(model, requests)}
+        tn.log(f"{when}: held-out loss {m['val_loss']:.4f}, copy top-1 {m['copy_top1']:.3f}; greedy tokens "
+               f"following the edited file {m['follows']} of 64")
+        return m
+
     model = load_checkpoint(base, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        before = {"val_loss": tn.lm_loss(model, val_batch, "fp32").item(), "follows": follows(model, requests),
-                  "copy_top1": copy_top1(model, pairs)}
-    tn.log(f"before: held-out loss {before['val_loss']:.4f}, copy top-1 {before['copy_top1']:.3f}; greedy tokens following the edited file "
-           f"{before['follows']} of 64")
+    before = measure(model, "before")
 
     # -- train
     model.train()
@@ -260,12 +264,7 @@ def main():
                 el = time.time() - t_train
                 tn.log(f"step {step + 1}/{args.steps} loss {np.mean(curve[-25:]):.4f} ({el / (step + 1):.2f} s/step)")
     train_seconds = time.time() - t_train
-    model.eval()
-    with torch.no_grad():
-        after = {"val_loss": tn.lm_loss(model, val_batch, "fp32").item(), "follows": follows(model, requests),
-                  "copy_top1": copy_top1(model, pairs)}
-    tn.log(f"after: held-out loss {after['val_loss']:.4f}, copy top-1 {after['copy_top1']:.3f}; greedy tokens following the edited file "
-           f"{after['follows']} of 64")
+    after = measure(model, "after")
 
     # -- the checkpoint: nano's tokenizer, a record of this run beside nano's
     work = Path(tempfile.mkdtemp(prefix="starcoder2-nano-edit-"))
