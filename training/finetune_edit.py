@@ -213,14 +213,7 @@ def main():
                     for s in order]
     tn.log(f"{len(train)} training files; {len(pair_stream):,} edit-pair tokens in {n_windows} windows")
 
-    held_ids = tn.encode(tok, [f["text"] for f in held])
-    val_windows = []
-    for h in held_ids:
-        seq = [tn.EOT] + h + [tn.EOT]
-        for s in range(0, len(seq) - 1, args.seq_len):
-            if len(seq[s:s + args.seq_len + 1]) == args.seq_len + 1:
-                val_windows.append(torch.tensor(seq[s:s + args.seq_len + 1]))
-    val_batch = torch.stack(val_windows[:8])
+    val_batch = tn.validation_batch(tn.encode(tok, [f["text"] for f in held]), args.seq_len)
     requests = edit_requests(base, args.edit_tokens)
     pairs = heldout_pairs(tok, [f["text"] for f in held])
 
@@ -267,7 +260,6 @@ def main():
     after = measure(model, "after")
 
     # -- the checkpoint: nano's tokenizer, a record of this run beside nano's
-    work = Path(tempfile.mkdtemp(prefix="starcoder2-nano-edit-"))
     rec = {
         "model": "starcoder2-nano-edit",
         "base": {"name": args.base, "command": base_record["command"], "seed": base_record.get("seed")},
@@ -281,18 +273,17 @@ def main():
         "data": {"held_out": record["data"]["held_out"],
                  "rule": "nano's training files only; nano's held-out files are neither trained on nor edited"},
     }
-    (work / "training_record.json").write_text(json.dumps(rec, indent=1) + "\n")
-    (work / "README.md").write_text(
-        "# starcoder2-nano-edit\n\nstarcoder2-nano fine-tuned for "
-        f"{args.steps} steps to re-emit a file with a small change (`training/finetune_edit.py`; "
-        "the command and the before/after measurements are in `training_record.json`). A stand-in for a "
-        "code model that copies, for the edit workload of `starlift bench --workload latency`.\n")
-    extra = {"tokenizer.json": base / "tokenizer.json", "README.md": work / "README.md",
-             "training_record.json": work / "training_record.json"}
-    save_checkpoint(model, Path(args.out), force=True, extra_files=extra)
-    for name in ("README.md", "training_record.json"):
-        (work / name).unlink()
-    work.rmdir()
+    with tempfile.TemporaryDirectory(prefix="starcoder2-nano-edit-") as tmp:
+        work = Path(tmp)
+        (work / "training_record.json").write_text(json.dumps(rec, indent=1) + "\n")
+        (work / "README.md").write_text(
+            "# starcoder2-nano-edit\n\nstarcoder2-nano fine-tuned for "
+            f"{args.steps} steps to re-emit a file with a small change (`training/finetune_edit.py`; "
+            "the command and the before/after measurements are in `training_record.json`). A stand-in for a "
+            "code model that copies, for the edit workload of `starlift bench --workload latency`.\n")
+        extra = {"tokenizer.json": base / "tokenizer.json", "README.md": work / "README.md",
+                 "training_record.json": work / "training_record.json"}
+        save_checkpoint(model, Path(args.out), force=True, extra_files=extra)
     os.chmod(args.out, 0o755)
     tn.log(f"wrote {args.out}; {train_seconds / 60:.1f} min of training, {(time.time() - t_start) / 60:.1f} min in all")
 

@@ -338,6 +338,18 @@ def evaluate(model, held_ids, unigram_logp, seq_len):
             "unigram_loss": uni_loss / n, "unigram_top1": uni_correct / n}
 
 
+def validation_batch(held_ids: list[list[int]], seq_len: int, count: int = 8) -> torch.Tensor:
+    """The fixed held-out subset of the loss curve: the first ``count`` full windows of
+    seq_len + 1 tokens, each file as [EOT] + file + [EOT]."""
+    windows = []
+    for ids in held_ids:
+        seq = [EOT] + ids + [EOT]
+        for s in range(0, len(seq) - 1, seq_len):
+            if len(seq[s:s + seq_len + 1]) == seq_len + 1:
+                windows.append(torch.tensor(seq[s:s + seq_len + 1]))
+    return torch.stack(windows[:count])
+
+
 @torch.no_grad()
 def greedy(model, ids: list[int], max_new: int, ctx: int) -> list[int]:
     """Greedy decode with the model's KV cache; stops at <|endoftext|>."""
@@ -691,14 +703,7 @@ def main():
     model.train()
     torch.manual_seed(args.seed)
     opt = make_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
-    val_ids = held_ids  # a fixed held-out subset for the curve: the first 8 windows
-    val_windows = []
-    for ids in val_ids:
-        seq = [EOT] + ids + [EOT]
-        for s in range(0, len(seq) - 1, args.seq_len):
-            if len(seq[s:s + args.seq_len + 1]) == args.seq_len + 1:
-                val_windows.append(torch.tensor(seq[s:s + args.seq_len + 1]))
-    val_batch = torch.stack(val_windows[:8])
+    val_batch = validation_batch(held_ids, args.seq_len)
 
     def val_loss():
         model.eval()
