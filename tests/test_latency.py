@@ -41,6 +41,9 @@ def test_requests_are_built_from_held_out_files():
     original, edited_head = text.split("<file_sep>")[1:]
     assert "_v2" in edited_head and "_v2" not in original  # one identifier renamed in the re-emitted file
     assert len(edit.detail["reference_continuation"]) == 8
+    # the edit requests alone, as the scripts outside the bench take them: the same prompts
+    alone = latency.edit_requests(tok, edit_tokens=120, count=2, edit_new=8)
+    assert [(r.ids, r.new_tokens, r.detail) for r in alone] == [(r.ids, r.new_tokens, r.detail) for r in reqs[5:]]
 
 
 def test_latency_workload_runs_generation(nano_ort, tmp_path):

@@ -128,10 +128,9 @@ def edit_stream(tok: HFTokenizer, texts: list[str], min_tokens: int, max_chunk: 
 
 def edit_requests(folder: Path, edit_tokens: int) -> list:
     """The bench's edit requests on the held-out files (starlift bench --workload latency)."""
-    from starlift.bench.latency import build_requests, heldout_files
+    from starlift.bench.latency import edit_requests as bench_edit_requests
 
-    return [r for r in build_requests(Tokenizer.from_pretrained(folder), heldout_files(), 1024, [], [], 128, 32,
-                                      edit_tokens, 64, 5) if r.kind == "edit"]
+    return bench_edit_requests(Tokenizer.from_pretrained(folder), edit_tokens)
 
 
 def follows(model, requests) -> list[int]:

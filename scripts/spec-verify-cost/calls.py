@@ -14,7 +14,7 @@ import collections
 import sys
 import time
 
-from starlift.bench.latency import build_requests, heldout_files
+from starlift.bench.latency import edit_requests
 from starlift.engine import Engine, SamplingParams
 from starlift.model import Tokenizer
 from starlift.runtimes import create_runner
@@ -24,8 +24,7 @@ CALLS = ("decode", "decode_many", "prefill", "extend", "rollback")
 
 def main(artifact: str, threads: int) -> None:
     tokenizer = Tokenizer.from_pretrained(artifact)
-    requests = [r for r in build_requests(tokenizer, heldout_files(), 1024, [], [], 128, 32, 200, 64, 5)
-                if r.kind == "edit"]
+    requests = edit_requests(tokenizer)
     runner = create_runner("onnxruntime", artifact, threads=threads)
     times = collections.defaultdict(list)
     create_cache = runner.create_cache

@@ -130,6 +130,14 @@ def build_requests(tokenizer, files: list[tuple[str, str]], context: int, ttft_l
     return requests
 
 
+def edit_requests(tokenizer, edit_tokens: int = 200, count: int = 5, edit_new: int = 64,
+                  context: int = 1024) -> list[Request]:
+    """Only the edit workload's requests (as ``run`` builds them), for the scripts that
+    measure a model on it outside the bench (training/finetune_edit.py,
+    scripts/spec-verify-cost/calls.py)."""
+    return build_requests(tokenizer, heldout_files(), context, [], [], 0, 0, edit_tokens, edit_new, count)
+
+
 def _rename_one_identifier(text: str) -> str:
     """The most frequent identifier of 4+ letters (not a keyword, not ``self``) renamed: a small
     edit that touches many lines."""
