@@ -254,11 +254,36 @@ def _nbits(model, bits: int, *, block_size: int, symmetric: bool, accuracy_level
             raise UsageError("--algo gptq needs --calibration FILE (code text to calibrate on)")
         config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=block_size,
                                                **common)
+    shims = _consume_branch_only_inputs(model) if algo == "gptq" and op_types == ("MatMul",) else []
     quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                          accuracy_level=accuracy_level, nodes_to_exclude=exclude or [],
                                          nodes_to_include=include, algo_config=config)
     quantizer.process()
-    return quantizer.model.model
+    out = quantizer.model.model
+    if shims:
+        kept = [n for n in out.graph.node if n.name not in shims]
+        out.graph.ClearField("node")
+        out.graph.node.extend(kept)
+    return out
+
+
+def _consume_branch_only_inputs(model) -> list[str]:
+    """Give every graph input that only If branches read (the ort flavour's past KV, read inside
+    the attention If of export/gqa.py) a consumer in the main graph, and return those nodes' names.
+
+    onnxruntime.quantization's GPTQ sorts the graph first and looks up each graph input's
+    consumers among the main graph's nodes: an input read only inside a branch raises KeyError
+    there. The Identity nodes compute nothing used and are removed after quantization."""
+    from onnx import helper
+
+    consumed = {name for n in model.graph.node for name in n.input}
+    shims = []
+    for inp in model.graph.input:
+        if inp.name not in consumed:
+            name = f"starlift_gptq_shim_{len(shims)}"
+            model.graph.node.append(helper.make_node("Identity", [inp.name], [name + "_out"], name=name))
+            shims.append(name)
+    return shims
 
 
 class _TextCalibration:
@@ -542,8 +567,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                    f"{c['tolerance']:.3g})" for name, c in quality["checks"].items() if not c["passed"])
                 raise ParityError(
                     f"{mode} quality is below the gate against the fp32 artifact: {failed or 'non-finite logits'}; "
-                    f"{out} was not written. Try a smaller --block-size, --algo hqq/gptq, or pass "
-                    "--allow-quality-loss to keep it anyway")
+                    f"{out} was not written. Try a smaller --block-size, --algo hqq (more accurate, slower to "
+                    "run on CPU), or pass --allow-quality-loss to keep it anyway")
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
             bar.update()

@@ -416,3 +416,25 @@ def test_int8_gemm_weights_are_the_4bit_weights_on_one_grid_per_column(symmetric
     assert np.allclose(scale * 127, np.abs(dequantized).max(axis=0), rtol=1e-5)  # the grid spans the column
     error = np.abs((u8.astype(np.float32) - 128) * scale - dequantized)
     assert (error <= scale / 2 * 1.0001 + 1e-7).all(), error.max()
+
+
+@pytest.mark.slow
+def test_gptq_quantizes_the_ort_flavour_whose_past_is_read_only_inside_the_attention_if(nano_ort, tmp_path):
+    """GPTQ (onnxruntime.quantization) sorts the graph first and looked up every graph input's
+    consumers among the main graph's nodes: the ort flavour's past KV, read only inside the
+    attention If (export/gqa.py), raised KeyError 'past_key_values.0.key'. The quantizer gives
+    those inputs a temporary consumer; none is left in the artifact, which runs."""
+    src = nano_ort
+    graph = onnx.load(str(src / "model.onnx"), load_external_data=False).graph
+    consumed = {name for n in graph.node for name in n.input}
+    assert [i.name for i in graph.input if i.name.startswith("past_key_values") and i.name not in consumed]
+    calibration = tmp_path / "calibration.py"
+    calibration.write_text("def add(a, b):\n    return a + b\n\n" * 40, encoding="utf-8")
+    out = tmp_path / "gptq"
+    manifest = quantize_artifact(src, out, mode="int4", algo="gptq", calibration=calibration,
+                                 progress=False, allow_quality_loss=True)
+    assert verify(out)["precision"] == "int4" and manifest["quality"]["finite"]
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    assert "MatMulNBits" in {n.op_type for n in nodes} and "If" in {n.op_type for n in nodes}
+    assert not [n for n in nodes if n.name.startswith("starlift_gptq_shim")]
+    assert len(starlift.load(out).generate([5, 6, 7, 8], max_new_tokens=4, ignore_eos=True)) == 4
