@@ -2,7 +2,7 @@
 # starlift serve against llama.cpp's llama-server on the same weights (docs/performance/serve.md).
 # Per concurrency level C: each starlift variant, then each llama-server variant, one after the
 # other, each driven by the same `starlift loadtest` (C closed-loop clients, C warm-up requests,
-# max(4C, 8) measured requests, 128 random prompt ids, 64 streamed tokens). Run it under the lock:
+# max(4C, 8) measured requests or REQUESTS, 128 random prompt ids, 64 streamed tokens). Run it under the lock:
 #   flock /tmp/starlift-heavy.lock env VARIANTS="int4=int4|" GGUF=gguf/q4_0.gguf \
 #       LLVARIANTS="llama-q4_0=;llama-q4_0-poll0=--poll 0" sh compare.sh
 # VARIANTS="label=ARTIFACT|extra serve args;..."  LLVARIANTS="label=extra llama-server args;..."
@@ -15,7 +15,7 @@ LS=${LS:-llama-server}
 PT=${PT:-128}; MT=${MT:-64}
 R=${R:-results}; mkdir -p $R
 for C in $LEVELS; do
-  N=$(( C * 4 > 8 ? C * 4 : 8 ))
+  N=${REQUESTS:-$(( C * 4 > 8 ? C * 4 : 8 ))}
   echo "$VARIANTS" | tr ';' '\n' | while IFS= read -r V; do
     [ -z "$V" ] && continue
     LABEL=${V%%=*}; REST=${V#*=}; ART=${REST%%|*}; ARGS=${REST#*|}
