@@ -321,7 +321,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True, sign_key: str | Path | None = None, stream: bool | None = None,
                       quality_layers: int | None = None, max_memory: int | None = None,
-                      int8_gemm: bool = False) -> dict[str, Any]:
+                      int8_gemm: bool = False, _rejected: list[dict] | None = None) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest.
 
     ``head_bits``: 8 or 4 quantize the head (the LM head, or a classifier's ``score``) with
@@ -337,9 +337,19 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     (prompts, decode steps of several sequences) on the integer GEMM, its uint8 weights the
     4-bit ones on one grid per column (int8_gemm.py); both graphs pass the quality gate.
 
-    ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears."""
+    ``sign_key``: a private key (``starlift keygen``) that signs the manifest before OUT appears.
+
+    ``block_size="auto"`` (int4, and int8 with ``int8_method="nbits"``): the largest of 128, 64
+    and 32 whose artifact passes the gate, the fastest that does (docs/guide/quantize.md); the
+    manifest's ``quantization.block_size_search`` records the sizes the gate rejected."""
     import onnx
 
+    if block_size == "auto":
+        return _largest_passing_block_size(src, out, allow_quality_loss=allow_quality_loss, options=dict(
+            mode=mode, algo=algo, accuracy_level=accuracy_level, symmetric=symmetric, int8_method=int8_method,
+            head_bits=head_bits, head_block_size=head_block_size, calibration=calibration, exclude=exclude,
+            eval_text=eval_text, eval_windows=eval_windows, force=force, progress=progress, sign_key=sign_key,
+            stream=stream, quality_layers=quality_layers, max_memory=max_memory, int8_gemm=int8_gemm))
     src = Path(src)
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -551,6 +561,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                                   "source_dtype": source_dtype, "ratio_to_fp32": onnx_bytes / src_bytes},
                          "source_artifact": {"path": src.name, "manifest_sha256": _sha(src / "manifest.json")},
                          "quality": quality, "validation": manifest.get("validation")})
+            if _rejected is not None:
+                details["block_size_search"] = {"chosen": block_size, "rejected": _rejected}
             if tmap is not None:
                 info["tensor_map"] = tmap
             if mode == "fp16" and manifest.get("kv_cache") is not None:  # a classifier has no cache
@@ -565,16 +577,53 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
             if not quality["passed"] and not allow_quality_loss:
                 failed = "; ".join(f"{name} {c['value']:.3g} (gate {'<=' if c['direction'] == 'max' else '>='} "
                                    f"{c['tolerance']:.3g})" for name, c in quality["checks"].items() if not c["passed"])
-                raise ParityError(
+                error = ParityError(
                     f"{mode} quality is below the gate against the fp32 artifact: {failed or 'non-finite logits'}; "
                     f"{out} was not written. Try a smaller --block-size, --algo hqq (more accurate, slower to "
                     "run on CPU), or pass --allow-quality-loss to keep it anyway")
+                error.quality = quality  # read by --block-size auto to record what it rejected
+                raise error
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
             bar.update()
     finally:
         bar.close()
     return new_manifest
+
+
+AUTO_BLOCK_SIZES = (128, 64, 32)
+
+
+def _largest_passing_block_size(src, out, *, allow_quality_loss: bool, options: dict) -> dict[str, Any]:
+    """``block_size="auto"``: quantize at each of AUTO_BLOCK_SIZES, largest first, and keep the first
+    artifact that passes the gate. Larger blocks are smaller and faster in ONNX Runtime's MatMulNBits
+    (fewer scales, less work per block: on the 113M shape int4 at 128 prefills and decodes about
+    1.2x faster than at 32) and lose more; only the gate knows what a given model tolerates (int4
+    at 128 passes on starcoder2-nano and not on a fine-tune of it). A rejected size leaves nothing
+    behind (the gate's own cleanup); the last size keeps ``allow_quality_loss``."""
+    mode, method = options["mode"], options["int8_method"]
+    if mode not in ("int4", "int8") or (mode == "int8" and method != "nbits"):
+        raise UsageError("--block-size auto searches MatMulNBits block sizes: use it with --mode int4, or --mode "
+                         f"int8 with --int8-method nbits (got --mode {mode}"
+                         + (f" --int8-method {method})" if mode == "int8" else ")"))
+    rejected: list[dict] = []
+    for size in AUTO_BLOCK_SIZES:
+        last = size == AUTO_BLOCK_SIZES[-1]
+        try:
+            return quantize_artifact(src, out, block_size=size, allow_quality_loss=allow_quality_loss and last,
+                                     _rejected=rejected, **options)
+        except ParityError as e:
+            quality = getattr(e, "quality", None)
+            if quality is None:  # a classifier's gate, or a failure that is not the gate's verdict
+                raise
+            rejected.append({"block_size": size, "top1_agreement": quality.get("top1_agreement"),
+                             "mean_kl": quality.get("mean_kl")})
+            if last:
+                tried = ", ".join(f"{r['block_size']}: top-1 {r['top1_agreement']:.3f}" for r in rejected)
+                raise ParityError(f"no block size passed the {mode} quality gate ({tried}); {out} was not written. "
+                                  "Try --block-size 16, --algo hqq (more accurate, slower to run on CPU), or pass "
+                                  "--allow-quality-loss to keep block 32 anyway") from e
+    raise AssertionError("unreachable")
 
 
 def _graph_node_names(path: Path) -> list[str]:

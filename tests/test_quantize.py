@@ -114,6 +114,9 @@ def test_bad_requests(fp32_artifact, tmp_path):
         quantize_artifact(fp32_artifact, tmp_path / "b", mode="int3", progress=False)
     with pytest.raises(UsageError, match="calibration"):
         quantize_artifact(fp32_artifact, tmp_path / "b", mode="int4", algo="gptq", progress=False)
+    with pytest.raises(UsageError, match="auto searches MatMulNBits block sizes.*--int8-method dynamic-row"):
+        quantize_artifact(fp32_artifact, tmp_path / "b", mode="int8", int8_method="dynamic-row", block_size="auto",
+                          progress=False)
     q = quantize_artifact(fp32_artifact, tmp_path / "q8", mode="int8", progress=False, allow_quality_loss=True)
     assert q["precision"] == "int8" and q["quality"]["tokens"] > 50 and verify(tmp_path / "q8")["files"] == q["files"]
     with pytest.raises(UsageError, match="quantize from an fp32 export"):
@@ -438,3 +441,28 @@ def test_gptq_quantizes_the_ort_flavour_whose_past_is_read_only_inside_the_atten
     assert "MatMulNBits" in {n.op_type for n in nodes} and "If" in {n.op_type for n in nodes}
     assert not [n for n in nodes if n.name.startswith("starlift_gptq_shim")]
     assert len(starlift.load(out).generate([5, 6, 7, 8], max_new_tokens=4, ignore_eos=True)) == 4
+
+
+@pytest.mark.slow
+def test_block_size_auto_keeps_the_largest_block_the_gate_passes(nano_ort, tmp_path, monkeypatch):
+    """--block-size auto tries 128, 64, 32 and keeps the first artifact that passes the gate; the
+    manifest says what it rejected; when none passes nothing is written."""
+    from starlift.core import tolerance
+
+    top1 = {size: quantize_artifact(nano_ort, tmp_path / f"b{size}", mode="int4", block_size=size,
+                                    progress=False, allow_quality_loss=True)["quality"]["top1_agreement"]
+            for size in (128, 64)}
+    assert top1[128] < top1[64], top1  # on the default gate text (0.942 vs 0.953 here); one window is too noisy
+    monkeypatch.setitem(tolerance.TOP1_MIN, "int4", (top1[128] + top1[64]) / 2)
+    manifest = quantize_artifact(nano_ort, tmp_path / "auto", mode="int4", block_size="auto",
+                                 progress=False)
+    q = manifest["quantization"]
+    assert q["block_size"] == 64 and manifest["quality"]["top1_agreement"] == top1[64]
+    assert q["block_size_search"] == {"chosen": 64, "rejected": [
+        {"block_size": 128, "top1_agreement": top1[128], "mean_kl": q["block_size_search"]["rejected"][0]["mean_kl"]}]}
+    assert verify(tmp_path / "auto")["precision"] == "int4"
+    monkeypatch.setitem(tolerance.TOP1_MIN, "int4", 1.01)  # a gate nothing can pass
+    with pytest.raises(ParityError, match=r"no block size passed the int4 quality gate \(128: top-1 .*64: .*32: "):
+        quantize_artifact(nano_ort, tmp_path / "none", mode="int4", block_size="auto", progress=False)
+    assert not (tmp_path / "none").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".starlift-tmp")]

@@ -7,14 +7,19 @@ import argparse
 from starlift.cli import add_artifact_output_options
 
 
+def _block_size(value: str):
+    return value if value == "auto" else int(value)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="an fp32 artifact folder written by starlift export")
     p.add_argument("out", help="output artifact folder (written atomically)")
     p.add_argument("--mode", required=True, choices=["fp16", "bf16", "int8", "int4"], help="precision of OUT")
-    p.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+    p.add_argument("--block-size", type=_block_size, default=32, choices=[16, 32, 64, 128, 256, "auto"],
                    help="weights sharing one scale (and zero point); larger blocks are smaller and faster and "
                         "lose more (int4 on the 113M shape, AVX-512: 128 prefills and decodes about 1.2x faster "
-                        "than 32; docs/guide/quantize.md)")
+                        "than 32; docs/guide/quantize.md). auto: the largest of 128, 64, 32 that passes the "
+                        "quality gate")
     p.add_argument("--algo", default="rtn", choices=["rtn", "hqq", "gptq"],
                    help="int4 weight rounding: round to nearest; HQQ (float zero points, which ONNX Runtime's "
                         "CPU kernels run about 9x slower than rtn's); GPTQ (needs --calibration). hqq and gptq "
@@ -79,6 +84,10 @@ def main(args: argparse.Namespace) -> int:
           f"perplexity {q['perplexity_fp32']:.3f} -> {q['perplexity']:.3f}"
           + (f" (graphs cut after {q['layers']} of {q['of_layers']} layers)" if q.get("graph") == "cut" else "")
           + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
+    search = m["quantization"].get("block_size_search")
+    if search:
+        print(f"  block size {search['chosen']}, the largest the gate passed"
+              + "".join(f"; {r['block_size']}: top-1 {r['top1_agreement']:.3f}, below it" for r in search["rejected"]))
     if "int8_gemm" in q:
         g, wide = m["quantization"]["int8_gemm"], q["int8_gemm"]
         print(f"  {g['file']} (prompts of {g['min_tokens']}+ tokens, decode steps of {g['min_rows']}+ rows, on the "
