@@ -608,22 +608,20 @@ def _largest_passing_block_size(src, out, *, allow_quality_loss: bool, options: 
                          + (f" --int8-method {method})" if mode == "int8" else ")"))
     rejected: list[dict] = []
     for size in AUTO_BLOCK_SIZES:
-        last = size == AUTO_BLOCK_SIZES[-1]
         try:
-            return quantize_artifact(src, out, block_size=size, allow_quality_loss=allow_quality_loss and last,
-                                     _rejected=rejected, **options)
+            return quantize_artifact(src, out, block_size=size, _rejected=rejected, **options,
+                                     allow_quality_loss=allow_quality_loss and size == AUTO_BLOCK_SIZES[-1])
         except ParityError as e:
             quality = getattr(e, "quality", None)
             if quality is None:  # a classifier's gate, or a failure that is not the gate's verdict
                 raise
             rejected.append({"block_size": size, "top1_agreement": quality.get("top1_agreement"),
                              "mean_kl": quality.get("mean_kl")})
-            if last:
-                tried = ", ".join(f"{r['block_size']}: top-1 {r['top1_agreement']:.3f}" for r in rejected)
-                raise ParityError(f"no block size passed the {mode} quality gate ({tried}); {out} was not written. "
-                                  "Try --block-size 16, --algo hqq (more accurate, slower to run on CPU), or pass "
-                                  "--allow-quality-loss to keep block 32 anyway") from e
-    raise AssertionError("unreachable")
+            cause = e
+    tried = ", ".join(f"{r['block_size']}: top-1 {r['top1_agreement']:.3f}" for r in rejected)
+    raise ParityError(f"no block size passed the {mode} quality gate ({tried}); {out} was not written. Try "
+                      "--block-size 16, --algo hqq (more accurate, slower to run on CPU), or pass "
+                      "--allow-quality-loss to keep block 32 anyway") from cause
 
 
 def _graph_node_names(path: Path) -> list[str]:
