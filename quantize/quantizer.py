@@ -577,12 +577,10 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
             if not quality["passed"] and not allow_quality_loss:
                 failed = "; ".join(f"{name} {c['value']:.3g} (gate {'<=' if c['direction'] == 'max' else '>='} "
                                    f"{c['tolerance']:.3g})" for name, c in quality["checks"].items() if not c["passed"])
-                error = ParityError(
+                raise ParityError(
                     f"{mode} quality is below the gate against the fp32 artifact: {failed or 'non-finite logits'}; "
                     f"{out} was not written. Try a smaller --block-size, --algo hqq (more accurate, slower to "
-                    "run on CPU), or pass --allow-quality-loss to keep it anyway")
-                error.quality = quality  # read by --block-size auto to record what it rejected
-                raise error
+                    "run on CPU), or pass --allow-quality-loss to keep it anyway", quality=quality)
             if sign_key is not None:
                 sign_artifact(tmp, sign_key)
             bar.update()
@@ -612,11 +610,10 @@ def _largest_passing_block_size(src, out, *, allow_quality_loss: bool, options: 
             return quantize_artifact(src, out, block_size=size, _rejected=rejected, **options,
                                      allow_quality_loss=allow_quality_loss and size == AUTO_BLOCK_SIZES[-1])
         except ParityError as e:
-            quality = getattr(e, "quality", None)
-            if quality is None:  # a classifier's gate, or a failure that is not the gate's verdict
+            if e.quality is None:  # a classifier's gate, or a failure that is not the gate's verdict
                 raise
-            rejected.append({"block_size": size, "top1_agreement": quality.get("top1_agreement"),
-                             "mean_kl": quality.get("mean_kl")})
+            rejected.append({"block_size": size, "top1_agreement": e.quality.get("top1_agreement"),
+                             "mean_kl": e.quality.get("mean_kl")})
             cause = e
     tried = ", ".join(f"{r['block_size']}: top-1 {r['top1_agreement']:.3f}" for r in rejected)
     raise ParityError(f"no block size passed the {mode} quality gate ({tried}); {out} was not written. Try "

@@ -466,3 +466,7 @@ def test_block_size_auto_keeps_the_largest_block_the_gate_passes(nano_ort, tmp_p
         quantize_artifact(nano_ort, tmp_path / "none", mode="int4", block_size="auto", progress=False)
     assert not (tmp_path / "none").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".starlift-tmp")]
+    kept = quantize_artifact(nano_ort, tmp_path / "kept", mode="int4", block_size="auto", progress=False,
+                             allow_quality_loss=True)  # the last size, kept below the gate
+    assert kept["quantization"]["block_size"] == 32 and kept["quality"]["passed"] is False
+    assert [r["block_size"] for r in kept["quantization"]["block_size_search"]["rejected"]] == [128, 64]

@@ -86,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
           + ("" if q["passed"] else " (BELOW THE QUALITY GATE, kept by --allow-quality-loss)"))
     search = m["quantization"].get("block_size_search")
     if search:
-        print(f"  block size {search['chosen']}, the largest the gate passed"
+        print(f"  block size {search['chosen']}, "
+              + ("the largest the gate passed" if q["passed"] else "none passed the gate: kept by --allow-quality-loss")
               + "".join(f"; {r['block_size']}: top-1 {r['top1_agreement']:.3f}, below it" for r in search["rejected"]))
     if "int8_gemm" in q:
         g, wide = m["quantization"]["int8_gemm"], q["int8_gemm"]

@@ -30,7 +30,12 @@ class ArtifactError(StarliftError):
 
 
 class ParityError(StarliftError):
-    """A model whose logits leave the tolerance against the reference."""
+    """A model whose logits leave the tolerance against the reference; ``quality``: the
+    measurement that failed, when the error is a quality gate's verdict (else None)."""
+
+    def __init__(self, message: str, quality: dict | None = None):
+        super().__init__(message)
+        self.quality = quality
 
 
 class QueueFullError(StarliftError):
