@@ -321,7 +321,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                       eval_text: str | None = None, eval_windows: int = 4, force: bool = False, allow_quality_loss: bool = False,
                       progress: bool = True, sign_key: str | Path | None = None, stream: bool | None = None,
                       quality_layers: int | None = None, max_memory: int | None = None,
-                      int8_gemm: bool = False, _rejected: list[dict] | None = None) -> dict[str, Any]:
+                      int8_gemm: bool = False, _rejected: list[dict] | None = None,
+                      _references: dict | None = None) -> dict[str, Any]:
     """Quantize the fp32 artifact ``src`` into the artifact folder ``out``; returns its manifest.
 
     ``head_bits``: 8 or 4 quantize the head (the LM head, or a classifier's ``score``) with
@@ -423,7 +424,7 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
     from starlift.evaluation.quality import WINDOW_TOKENS
 
     estimate = memory.estimate_quantize(config, source_dtype, mode, quality_layers=quality_layers, streaming=stream,
-                                        eval_tokens=WINDOW_TOKENS * eval_windows)
+                                        eval_tokens=WINDOW_TOKENS * eval_windows, kept_reference=bool(_references))
     memory.check_fits("quantize", estimate, max_memory,
                       fix="measure quality on a cut graph (--quality-layers 1) and fewer --eval-windows, or free memory")
     tokenizer = None
@@ -549,7 +550,8 @@ def quantize_artifact(src: str | Path, out: str | Path, *, mode: str, block_size
                 quality = measure_head_quality(src, tmp, tokenizer, config, eval_text, mode)
             else:
                 quality = measure_quality(src / MODEL_FILE, tmp / MODEL_FILE, tokenizer, config, eval_text, mode,
-                                          windows=eval_windows, layers=quality_layers, int8_gemm=int8_gemm)
+                                          windows=eval_windows, layers=quality_layers, int8_gemm=int8_gemm,
+                                          references=_references)
             bar.update()
             onnx_bytes = sum(p.stat().st_size for p in tmp.glob(MODEL_FILE + "*"))
             src_bytes = sum(p.stat().st_size for p in src.glob(MODEL_FILE + "*"))
@@ -598,16 +600,18 @@ def _largest_passing_block_size(src, out, *, allow_quality_loss: bool, options: 
     (fewer scales, less work per block: on the 113M shape int4 at 128 prefills and decodes about
     1.2x faster than at 32) and lose more; only the gate knows what a given model tolerates (int4
     at 128 passes on starcoder2-nano and not on a fine-tune of it). A rejected size leaves nothing
-    behind (the gate's own cleanup); the last size keeps ``allow_quality_loss``."""
+    behind (the gate's own cleanup); the last size keeps ``allow_quality_loss``. The fp32 artifact's
+    reference run over the gate's text is the same for every size: made once, kept for the next."""
     mode, method = options["mode"], options["int8_method"]
     if mode not in ("int4", "int8") or (mode == "int8" and method != "nbits"):
         raise UsageError("--block-size auto searches MatMulNBits block sizes: use it with --mode int4, or --mode "
                          f"int8 with --int8-method nbits (got --mode {mode}"
                          + (f" --int8-method {method})" if mode == "int8" else ")"))
     rejected: list[dict] = []
+    references: dict = {}
     for size in AUTO_BLOCK_SIZES:
         try:
-            return quantize_artifact(src, out, block_size=size, _rejected=rejected, **options,
+            return quantize_artifact(src, out, block_size=size, _rejected=rejected, _references=references, **options,
                                      allow_quality_loss=allow_quality_loss and size == AUTO_BLOCK_SIZES[-1])
         except ParityError as e:
             if e.quality is None:  # a classifier's gate, or a failure that is not the gate's verdict
@@ -815,7 +819,8 @@ def _undo_fp16_round_trips(model) -> int:
 
 
 def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, config: dict, eval_text: str | None,
-                    mode: str, windows: int = 4, layers: int = 0, int8_gemm: bool = False) -> dict[str, Any]:
+                    mode: str, windows: int = 4, layers: int = 0, int8_gemm: bool = False,
+                    references: dict | None = None, _key: tuple | None = None) -> dict[str, Any]:
     """The candidate against the fp32 artifact on the quality text, judged by the tolerance policy
     (the same measurement ``starlift parity`` makes against the PyTorch reference).
 
@@ -823,7 +828,12 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
     holds more than the embedding, those layers and the head (the sessions run one after the
     other); the policy's bounds are those of the cut's depth. ``int8_gemm``: measure the
     candidate's int8_gemm.onnx too (a 4-bit artifact's integer-GEMM graph), against the same
-    reference run: under ``int8_gemm``, its checks joined to the candidate's as "int8_gemm NAME"."""
+    reference run: under ``int8_gemm``, its checks joined to the candidate's as "int8_gemm NAME".
+
+    ``references``: a dict that keeps the reference run between calls on the same fp32 artifact
+    (``block_size="auto"`` measures several candidates against it): looked up by the artifact's
+    resolved path, the cut's depth, the window count and the text."""
+    key = _key or (str(Path(reference_path).resolve()), layers, windows, eval_text)
     if layers:
         from starlift.core.graphcut import write_cut
 
@@ -843,7 +853,7 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
                                      "--quality-layers 0") from e
                 paths.append(write_cut(path, layers, folder / MODEL_FILE))
             values = measure_quality(paths[0], paths[1], tokenizer, {**config, "num_hidden_layers": layers},
-                                     eval_text, mode, windows=windows)
+                                     eval_text, mode, windows=windows, references=references, _key=key)
         values.update({"graph": "cut", "layers": layers, "of_layers": config["num_hidden_layers"]})
         return values
     from starlift.evaluation import quality
@@ -851,8 +861,12 @@ def measure_quality(reference_path: Path, candidate_path: Path, tokenizer, confi
 
     plan = quality.make_plan(tokenizer, config["vocab_size"], config.get("max_position_embeddings", 1024), eval_text,
                              windows=windows)
-    with OnnxRuntimeRunner(reference_path) as runner:
-        reference = quality.run_reference(quality.RunnerSource(runner, "fp32 artifact"), plan)
+    reference = (references or {}).get(key)
+    if reference is None:
+        with OnnxRuntimeRunner(reference_path) as runner:
+            reference = quality.run_reference(quality.RunnerSource(runner, "fp32 artifact"), plan)
+        if references is not None:
+            references[key] = reference
     measured = []
     for gemm in (False, True) if int8_gemm else (False,):  # one reference run for both graphs
         with OnnxRuntimeRunner(candidate_path, int8_gemm=gemm) as runner:

@@ -446,16 +446,21 @@ def test_gptq_quantizes_the_ort_flavour_whose_past_is_read_only_inside_the_atten
 @pytest.mark.slow
 def test_block_size_auto_keeps_the_largest_block_the_gate_passes(nano_ort, tmp_path, monkeypatch):
     """--block-size auto tries 128, 64, 32 and keeps the first artifact that passes the gate; the
-    manifest says what it rejected; when none passes nothing is written."""
+    manifest says what it rejected; when none passes nothing is written. The fp32 reference runs
+    once per search, not once per size."""
     from starlift.core import tolerance
+    from starlift.evaluation import quality
 
     top1 = {size: quantize_artifact(nano_ort, tmp_path / f"b{size}", mode="int4", block_size=size,
                                     progress=False, allow_quality_loss=True)["quality"]["top1_agreement"]
             for size in (128, 64)}
     assert top1[128] < top1[64], top1  # on the default gate text (0.942 vs 0.953 here); one window is too noisy
     monkeypatch.setitem(tolerance.TOP1_MIN, "int4", (top1[128] + top1[64]) / 2)
+    runs, run_reference = [], quality.run_reference
+    monkeypatch.setattr(quality, "run_reference", lambda *a: runs.append(a) or run_reference(*a))
     manifest = quantize_artifact(nano_ort, tmp_path / "auto", mode="int4", block_size="auto",
                                  progress=False)
+    assert len(runs) == 1  # two sizes measured against one reference run (and equal to b64's own run above)
     q = manifest["quantization"]
     assert q["block_size"] == 64 and manifest["quality"]["top1_agreement"] == top1[64]
     assert q["block_size_search"] == {"chosen": 64, "rejected": [
@@ -464,6 +469,7 @@ def test_block_size_auto_keeps_the_largest_block_the_gate_passes(nano_ort, tmp_p
     monkeypatch.setitem(tolerance.TOP1_MIN, "int4", 1.01)  # a gate nothing can pass
     with pytest.raises(ParityError, match=r"no block size passed the int4 quality gate \(128: top-1 .*64: .*32: "):
         quantize_artifact(nano_ort, tmp_path / "none", mode="int4", block_size="auto", progress=False)
+    assert len(runs) == 2  # a new search, a new reference run, shared by its three sizes
     assert not (tmp_path / "none").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".starlift-tmp")]
     kept = quantize_artifact(nano_ort, tmp_path / "kept", mode="int4", block_size="auto", progress=False,

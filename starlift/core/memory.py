@@ -218,10 +218,11 @@ def estimate_export(config: dict, dtype: str, *, validate_layers: int, checkpoin
 
 
 def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_layers: int, streaming: bool,
-                      eval_tokens: int = 1024) -> int:
+                      eval_tokens: int = 1024, kept_reference: bool = False) -> int:
     """Peak bytes of ``starlift quantize``. Streaming: one weight at a time read from the source's
     data file and its quantized form written out at once; then the quality check, whose sessions run
-    one after the other (the whole graphs, or cuts of ``quality_layers`` layers)."""
+    one after the other (the whole graphs, or cuts of ``quality_layers`` layers). ``kept_reference``:
+    the reference's logits from an earlier try (``--block-size auto``) are held through the build."""
     s = model_sizes(config)
     src = s["params"] * BYTES_PER[source_dtype]
     out = s["params"] * BYTES_PER[mode] + s["embed"] * (BYTES_PER[source_dtype] - BYTES_PER[mode])
@@ -233,7 +234,8 @@ def estimate_quantize(config: dict, source_dtype: str, mode: str, *, quality_lay
     fp32_copies = 2 if source_dtype in ("fp16", "bf16") else 0
     run_src = run * BYTES_PER[source_dtype] * (1 + fp32_copies)
     logits = 10 * eval_tokens * config["vocab_size"] * 4  # both models' logits, the metrics' float64 temporaries
-    return int(BASE_BYTES + max(build, run_src + logits))
+    kept = eval_tokens * config["vocab_size"] * 4 if kept_reference else 0
+    return int(BASE_BYTES + max(build + kept, run_src + logits))
 
 
 # One generation on ONNX Runtime (``starlift generate``): the interpreter, numpy, onnxruntime,
