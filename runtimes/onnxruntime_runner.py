@@ -49,9 +49,9 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvide
 # generation loop left a core busy behind it: taken from the caller's next job, from the editor
 # the completion serves, and in `starlift bench` from the next row timed. force_spinning_stop
 # ends the spin when the run returns; they still spin inside a run, between its kernels. Measured
-# the same speed as the default (nano int4, 64 new tokens: 60.0 against 58.7 ms; 113M int4, a
-# 1,024-token prompt and 32 new: 1.01 against 1.04 s), where allow_spinning=0 cost 1.45x on nano.
-# A caller's session_config overrides it.
+# by that script the same speed as the default (nano-edit int4, a 233-token prompt and 64 new:
+# 64.5 against 66.2 ms; 113M int4 block 128, 1,024 and 32 new: 1,018 against 1,015 ms), where
+# allow_spinning=0 cost 1.42x on nano (91.7 ms). A caller's session_config overrides it.
 DEFAULT_SESSION_CONFIG = {"session.force_spinning_stop": "1"}
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
